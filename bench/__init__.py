@@ -1,0 +1,1 @@
+"""Benchmarks and the PyTorch references they compare against (test-only dependencies)."""

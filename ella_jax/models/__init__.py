@@ -1,0 +1,1 @@
+"""Flax Linen modules: the ELLA connector and the frozen backbones it conditions."""

@@ -1,0 +1,1 @@
+"""Model weights from and to PyTorch safetensors layouts: reading, naming, validation."""

@@ -1,0 +1,70 @@
+"""Reading and writing safetensors files with errors that name the file, and atomic outputs."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file, as numpy arrays in their stored dtypes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return safetensors.numpy.load_file(path)
+    except Exception as e:  # the library raises several types for a damaged file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file; a missing or malformed file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside `destination` that replaces it only if the block succeeds.
+
+    Works for a file or a directory; on any exception nothing is left behind.
+    """
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise CheckpointError(f"{destination}: already exists (pass --overwrite to replace it)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    temporary = staging / destination.name
+    try:
+        yield temporary
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(temporary, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_safetensors(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """Writes tensors to `path`; wrap in `atomic_path` for an all-or-nothing write."""
+    arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    safetensors.numpy.save_file(arrays, path, metadata=metadata)

@@ -1,0 +1,52 @@
+"""Shared test set-up: 8 fake CPU devices for sharding tests, the persistent compilation cache,
+and the paths of the reference fixtures (computed by the PyTorch references, see
+fixtures/README.md)."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+REFERENCE = FIXTURES / "reference"
+
+jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| / max |expected|: the fixtures' tolerance measure."""
+    import numpy as np
+
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def released_checkpoint(tmp_path_factory) -> Path:
+    """A float16 checkpoint with every tensor name and shape of the released
+    ella-sd1.5-tsc-t5xl.safetensors, filled with random numbers."""
+    import json
+
+    import numpy as np
+    import safetensors.numpy
+
+    layout = json.loads((FIXTURES / "ella_sd15_t5xl_keys.json").read_text())
+    rng = np.random.default_rng(0)
+    tensors = {
+        name: (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
+        for name, shape in layout.items()
+    }
+    path = tmp_path_factory.mktemp("released") / "ella-sd1.5-tsc-t5xl.safetensors"
+    safetensors.numpy.save_file(tensors, path)
+    return path

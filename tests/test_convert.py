@@ -1,0 +1,152 @@
+"""The conversion CLI: bit-identical round trips, and one clear line for every bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from conftest import REFERENCE, ROOT
+
+from convert.__main__ import main
+from ella_jax import load_ella
+
+OFFICIAL = REFERENCE / "ella.safetensors"
+
+
+def round_trip(src, tmp_path, *heads):
+    assert main(["to-jax", str(src), str(tmp_path / "jax"), *heads]) == 0
+    assert main(["to-torch", str(tmp_path / "jax"), str(tmp_path / "back.safetensors")]) == 0
+    return safetensors.numpy.load_file(tmp_path / "back.safetensors")
+
+
+def assert_bit_identical(original, back):
+    assert sorted(original) == sorted(back)
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape, name
+        assert back[name].tobytes() == tensor.tobytes(), name
+
+
+@pytest.mark.parametrize("name", ["ella.safetensors", "ella_fp16.safetensors"])
+def test_fixture_round_trip_is_bit_identical(name, tmp_path):
+    back = round_trip(REFERENCE / name, tmp_path, "--heads", "4")
+    assert_bit_identical(safetensors.numpy.load_file(REFERENCE / name), back)
+    assert json.loads((tmp_path / "jax" / "config.json").read_text())["heads"] == 4
+
+
+def test_released_layout_round_trip_is_bit_identical(released_checkpoint, tmp_path):
+    back = round_trip(released_checkpoint, tmp_path)
+    original = safetensors.numpy.load_file(released_checkpoint)
+    assert len(original) == 93 and sum(t.size for t in original.values()) > 66_000_000
+    assert_bit_identical(original, back)
+
+
+def test_converted_directory_remembers_heads(tmp_path):
+    main(["to-jax", str(OFFICIAL), str(tmp_path / "jax"), "--heads", "4"])
+    model, params = load_ella(tmp_path / "jax")
+    reference_model, reference_params = load_ella(OFFICIAL, heads=4)
+    assert model.heads == 4 and model == reference_model
+    features = np.load(REFERENCE / "ella_io.npz")["features"]
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, features, 500.0),
+        reference_model.apply({"params": reference_params}, features, 500.0),
+    )
+
+
+def corrupt(tmp_path, edit):
+    """A copy of the fixture checkpoint with its tensors changed by `edit(tensors)`."""
+    tensors = safetensors.numpy.load_file(OFFICIAL)
+    edit(tensors)
+    path = tmp_path / "bad.safetensors"
+    safetensors.numpy.save_file(tensors, path)
+    return path
+
+
+def truncated(tmp_path):
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(OFFICIAL.read_bytes()[:5000])
+    return path
+
+
+def not_safetensors(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("this is not a checkpoint\n")
+    return path
+
+
+def missing_tensor(tmp_path):
+    return corrupt(tmp_path, lambda t: t.pop("connector.perceiver_blocks.1.ln_ff.linear.bias"))
+
+
+def unexpected_tensor(tmp_path):
+    return corrupt(tmp_path, lambda t: t.update({"connector.proj_out.weight": np.zeros((2, 2))}))
+
+
+def wrong_shape(tmp_path):
+    return corrupt(
+        tmp_path, lambda t: t.update({"connector.proj_in.bias": np.zeros(65, np.float32)})
+    )
+
+
+BAD_INPUTS = {
+    truncated: ["truncated.safetensors", "not a readable safetensors file"],
+    not_safetensors: ["notes.safetensors", "not a readable safetensors file"],
+    missing_tensor: ["missing tensor", "connector.perceiver_blocks.1.ln_ff.linear.bias"],
+    unexpected_tensor: ["unexpected tensor", "connector.proj_out.weight"],
+    wrong_shape: ["connector.proj_in.bias", "(65,)", "(64,)"],
+    (lambda tmp_path: OFFICIAL): ["heads=5 does not divide width=64"],
+    (lambda tmp_path: tmp_path / "absent.safetensors"): ["absent.safetensors", "no such file"],
+}
+
+
+@pytest.mark.parametrize("make_input", BAD_INPUTS, ids=lambda f: f.__name__)
+def test_bad_input_is_one_line_and_leaves_nothing(make_input, tmp_path, capsys):
+    src = make_input(tmp_path)
+    heads = ["--heads", "5" if src == OFFICIAL else "4"]
+    dst = tmp_path / "out"
+    assert main(["to-jax", str(src), str(dst), *heads]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    for fragment in BAD_INPUTS[make_input]:
+        assert fragment in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [src.name] if src.parent == tmp_path and src.exists() else []
+    )
+
+
+def test_bad_converted_directory_names_the_file(tmp_path, capsys):
+    main(["to-jax", str(OFFICIAL), str(tmp_path / "jax"), "--heads", "4"])
+    params = safetensors.numpy.load_file(tmp_path / "jax" / "params.safetensors")
+    params.pop("connector/latents")
+    safetensors.numpy.save_file(params, tmp_path / "jax" / "params.safetensors")
+    capsys.readouterr()
+    assert main(["to-torch", str(tmp_path / "jax"), str(tmp_path / "back.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "params.safetensors" in err and "'connector/latents'" in err
+    assert not (tmp_path / "back.safetensors").exists()
+
+
+def test_existing_destination_is_kept_without_overwrite(tmp_path, capsys):
+    dst = tmp_path / "jax"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["to-jax", str(OFFICIAL), str(dst), "--heads", "4"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert main(["to-jax", str(OFFICIAL), str(dst), "--heads", "4", "--overwrite"]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "params.safetensors"]
+
+
+def test_command_line_help_and_exit_status(tmp_path):
+    """As a user runs it: --help explains, a bad input exits 2 with no traceback."""
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "convert", *a], capture_output=True, text=True, cwd=ROOT
+    )
+    help_text = run("--help").stdout
+    assert "to-jax" in help_text and "to-torch" in help_text and "bit for bit" in help_text
+    result = run("to-jax", str(tmp_path / "absent.safetensors"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("absent.safetensors: no such file or directory")
+    shutil.rmtree(tmp_path)
