@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +16,39 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file, as numpy arrays in their stored dtypes."""
+def read_safetensors(
+    path: str | os.PathLike, keep: Callable[[str], bool] | None = None
+) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file (those whose name `keep` accepts), as numpy arrays in
+    their stored dtypes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return safetensors.numpy.load_file(path)
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys() if keep is None or keep(name)}  # noqa: SIM118
     except Exception as e:  # the library raises several types for a damaged file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_weights_folder(
+    folder: str | os.PathLike, stem: str, keep: Callable[[str], bool] | None = None
+) -> dict[str, np.ndarray]:
+    """The tensors of `folder/stem.safetensors`, or of the shards listed in
+    `folder/stem.safetensors.index.json` (as Hugging Face and diffusers save large models)."""
+    folder = Path(folder)
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single, keep)
+    if not index.is_file():
+        raise CheckpointError(f"{folder}: neither {single.name} nor {index.name} is there")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map' object")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_safetensors(folder / shard, keep))
+    return tensors
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -1,0 +1,47 @@
+"""Tokenization for the text encoders (T5 for ELLA, CLIP for Stable Diffusion).
+
+Tokenizers are transformers' (the only run-time use of transformers), read from local files.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ella_jax.weights.tensors import CheckpointError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in `folder` (tokenizer.json, or vocab.json + merges.txt, or
+    spiece.model), never from the network."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a broken folder
+        raise CheckpointError(f"{folder}: cannot load the tokenizer ({e})") from None
+
+
+def tokenize(
+    tokenizer, prompts: list[str], max_length: int | None, pad_to_multiple_of: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32 (B, L), mask bool (B, L), True for real tokens).
+
+    max_length set: padded and truncated to exactly max_length (end token kept), ELLA's fixed
+    token length and CLIP's 77. None: every prompt keeps all its tokens (ELLA's flexible token
+    length), padded to the longest rounded up to `pad_to_multiple_of`, so few shapes compile.
+    """
+    if max_length is not None:
+        encoded = tokenizer(
+            list(prompts), padding="max_length", max_length=max_length, truncation=True
+        )
+    else:
+        encoded = tokenizer(list(prompts), padding=True, pad_to_multiple_of=pad_to_multiple_of)
+    ids = np.asarray(encoded["input_ids"], np.int32)
+    mask = np.asarray(encoded["attention_mask"], bool)
+    return ids, mask

@@ -1,0 +1,68 @@
+"""The UNet and the VAE from a diffusers Stable Diffusion folder (`unet/`, `vae/`: each a
+`config.json` and `diffusion_pytorch_model.safetensors`, or shards with an index)."""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ella_jax.models.vae import AutoencoderKL, VAEConfig
+from ella_jax.weights.modules import params_for
+from ella_jax.weights.tensors import CheckpointError, read_json, read_weights_folder
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def read_diffusers_config(folder: str | os.PathLike, parse: Callable[[dict], Any]) -> Any:
+    """`parse(config.json)`, its ValueError for an unsupported field named with the file."""
+    path = Path(folder) / "config.json"
+    try:
+        return parse(read_json(path))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_unet(
+    folder: str | os.PathLike, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike | None = None
+) -> tuple[UNet2DConditionModel, dict]:
+    """(model, params) from a diffusers `unet/` folder; params in `param_dtype` (default `dtype`).
+
+    Use: `model.apply({"params": params}, latents_nhwc, timesteps, context)`.
+    """
+    config = read_diffusers_config(folder, UNetConfig.from_dict)
+    model = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype or dtype)
+    levels = len(config.block_out_channels)
+    size = 2 ** (levels - 1)
+    example = [
+        jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32),
+    ]
+    if config.addition_embed_type == "text_time":
+        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        example += [
+            jax.ShapeDtypeStruct((1, text_dim), jnp.float32),
+            jax.ShapeDtypeStruct((1, 6), jnp.float32),
+        ]
+    tensors = read_weights_folder(folder, WEIGHTS_STEM)
+    return model, params_for(model, tuple(example), tensors, str(folder), model.param_dtype)
+
+
+def load_vae(
+    folder: str | os.PathLike, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike | None = None
+) -> tuple[AutoencoderKL, dict]:
+    """(model, params) from a diffusers `vae/` folder; params in `param_dtype` (default `dtype`).
+
+    Use: `model.apply({"params": params}, latents, method="decode")`, `method="encode"`.
+    """
+    config = read_diffusers_config(folder, VAEConfig.from_dict)
+    model = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype or dtype)
+    size = 2 ** (len(config.block_out_channels) - 1)
+    example = (jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),)
+    tensors = read_weights_folder(folder, WEIGHTS_STEM)
+    return model, params_for(model, example, tensors, str(folder), model.param_dtype)
