@@ -50,3 +50,15 @@ def released_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("released") / "ella-sd1.5-tsc-t5xl.safetensors"
     safetensors.numpy.save_file(tensors, path)
     return path
+
+
+def randomized(module, seed: int = 0, std: float = 0.05):
+    """A PyTorch module with noise added to every parameter, so layers that the reference
+    initialises to zero (output projections, adaLN) are exercised too."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(std * torch.randn(parameter.shape, generator=generator))
+    return module.eval()

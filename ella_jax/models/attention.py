@@ -25,7 +25,13 @@ def dot_product_attention(
     Returns (B, T, H, D).
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale)
+    dtype = query.dtype
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no float16 dot with float32 accumulation, which the attention asks for.
+        query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
+        bias = None if bias is None else bias.astype(jnp.float32)
+    out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale)
+    return out.astype(dtype)
 
 
 class Attention(nn.Module):

@@ -60,8 +60,15 @@ class Downsample2D(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.channels, 3, "conv", stride=2, padding=self.padding,
-                    dtype=self.dtype, param_dtype=self.param_dtype)(x)  # fmt: skip
+        return conv(
+            self.channels,
+            3,
+            "conv",
+            stride=2,
+            padding=self.padding,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
 
 
 class Upsample2D(nn.Module):

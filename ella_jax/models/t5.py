@@ -124,13 +124,18 @@ class T5Attention(nn.Module):
         q, k, v = (heads(dense(c.num_heads * c.d_kv, n)(x)) for n in ("q", "k", "v"))
         if position_bias is None:
             buckets = relative_position_buckets(
-                x.shape[1], x.shape[1], c.relative_attention_num_buckets,
+                x.shape[1],
+                x.shape[1],
+                c.relative_attention_num_buckets,
                 c.relative_attention_max_distance,
-            )  # fmt: skip
+            )
             table = nn.Embed(
-                c.relative_attention_num_buckets, c.num_heads,
-                dtype=self.dtype, param_dtype=self.param_dtype, name="relative_attention_bias",
-            )  # fmt: skip
+                c.relative_attention_num_buckets,
+                c.num_heads,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="relative_attention_bias",
+            )
             position_bias = jnp.transpose(table(buckets), (2, 0, 1))[None]
         out = dot_product_attention(
             q, k, v, key_mask, bias=position_bias.astype(q.dtype), scale=1.0

@@ -68,8 +68,12 @@ class Transformer2DModel(nn.Module):
         h = project(inner, "proj_in")(h).reshape(batch, height * width, inner)
         for i in range(self.layers):
             h = BasicTransformerBlock(
-                self.heads, self.dim_head, self.only_cross_attention, self.upcast_attention,
-                name=f"transformer_blocks.{i}", **kw,
-            )(h, context)  # fmt: skip
+                self.heads,
+                self.dim_head,
+                self.only_cross_attention,
+                self.upcast_attention,
+                name=f"transformer_blocks.{i}",
+                **kw,
+            )(h, context)
         h = project(channels, "proj_out")(h.reshape(batch, height, width, inner))
         return h + x

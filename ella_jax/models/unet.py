@@ -138,10 +138,16 @@ class UNetBlock(nn.Module):
             )(x, temb)
             if self.cross:
                 x = Transformer2DModel(
-                    self.heads, self.out_channels // self.heads, self.transformer_layers,
-                    c.norm_num_groups, c.use_linear_projection, self.only_cross_attention,
-                    c.upcast_attention, name=f"attentions.{j}", **kw,
-                )(x, context)  # fmt: skip
+                    self.heads,
+                    self.out_channels // self.heads,
+                    self.transformer_layers,
+                    c.norm_num_groups,
+                    c.use_linear_projection,
+                    self.only_cross_attention,
+                    c.upcast_attention,
+                    name=f"attentions.{j}",
+                    **kw,
+                )(x, context)
             outputs.append(x)
         if self.resample == "down":
             x = Downsample2D(self.out_channels, c.downsample_padding, name="downsamplers.0", **kw)(
@@ -169,9 +175,16 @@ class UNetMidBlock(nn.Module):
         )
         x = resnet("resnets.0")(x, temb)
         x = Transformer2DModel(
-            heads, channels // heads, c.transformer_layers_per_block[-1], c.norm_num_groups,
-            c.use_linear_projection, False, c.upcast_attention, name="attentions.0", **kw,
-        )(x, context)  # fmt: skip
+            heads,
+            channels // heads,
+            c.transformer_layers_per_block[-1],
+            c.norm_num_groups,
+            c.use_linear_projection,
+            False,
+            c.upcast_attention,
+            name="attentions.0",
+            **kw,
+        )(x, context)
         return resnet("resnets.1")(x, temb)
 
 
@@ -227,21 +240,34 @@ class UNet2DConditionModel(nn.Module):
         skips = [x]
         for i, block_type in enumerate(c.down_block_types):
             x, outputs = UNetBlock(
-                c.block_out_channels[i], c.layers_per_block, block_type.startswith("CrossAttn"),
-                c.heads[i], c.transformer_layers_per_block[i], c.only_cross_attention[i], c,
-                "down" if i < levels - 1 else None, name=f"down_blocks.{i}", **kw,
-            )(x, temb, context)  # fmt: skip
+                c.block_out_channels[i],
+                c.layers_per_block,
+                block_type.startswith("CrossAttn"),
+                c.heads[i],
+                c.transformer_layers_per_block[i],
+                c.only_cross_attention[i],
+                c,
+                "down" if i < levels - 1 else None,
+                name=f"down_blocks.{i}",
+                **kw,
+            )(x, temb, context)
             skips += outputs
         x = UNetMidBlock(c, name="mid_block", **kw)(x, temb, context)
         for i, block_type in enumerate(c.up_block_types):
             level = levels - 1 - i
             consumed = c.layers_per_block + 1
             x, _ = UNetBlock(
-                c.block_out_channels[level], consumed, block_type.startswith("CrossAttn"),
-                c.heads[level], c.transformer_layers_per_block[level],
-                c.only_cross_attention[level], c, "up" if level > 0 else None,
-                name=f"up_blocks.{i}", **kw,
-            )(x, temb, context, skips[-consumed:])  # fmt: skip
+                c.block_out_channels[level],
+                consumed,
+                block_type.startswith("CrossAttn"),
+                c.heads[level],
+                c.transformer_layers_per_block[level],
+                c.only_cross_attention[level],
+                c,
+                "up" if level > 0 else None,
+                name=f"up_blocks.{i}",
+                **kw,
+            )(x, temb, context, skips[-consumed:])
             skips = skips[:-consumed]
 
         x = nn.silu(

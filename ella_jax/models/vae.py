@@ -65,9 +65,14 @@ class MidBlock(nn.Module):
         if self.add_attention:
             batch, height, width, channels = x.shape
             attention = Attention(
-                1, channels, qkv_bias=True, upcast=True, norm_groups=self.groups,
-                name="attentions.0", **kw,
-            )  # fmt: skip
+                1,
+                channels,
+                qkv_bias=True,
+                upcast=True,
+                norm_groups=self.groups,
+                name="attentions.0",
+                **kw,
+            )
             x = x + attention(x.reshape(batch, height * width, channels)).reshape(x.shape)
         return ResnetBlock2D(self.channels, self.groups, RESNET_EPS, name="resnets.1", **kw)(x)
 
@@ -95,9 +100,12 @@ class Encoder(nn.Module):
             if i < len(c.block_out_channels) - 1:
                 x = Downsample2D(channels, 0, name=f"down_blocks.{i}.downsamplers.0", **kw)(x)
         x = MidBlock(
-            c.block_out_channels[-1], c.norm_num_groups, c.mid_block_add_attention,
-            name="mid_block", **kw,
-        )(x)  # fmt: skip
+            c.block_out_channels[-1],
+            c.norm_num_groups,
+            c.mid_block_add_attention,
+            name="mid_block",
+            **kw,
+        )(x)
         x = nn.GroupNorm(c.norm_num_groups, epsilon=RESNET_EPS, name="conv_norm_out", **kw)(x)
         return conv(2 * c.latent_channels, 3, "conv_out", **kw)(nn.silu(x))
 
@@ -114,9 +122,12 @@ class Decoder(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv(c.block_out_channels[-1], 3, "conv_in", **kw)(z)
         x = MidBlock(
-            c.block_out_channels[-1], c.norm_num_groups, c.mid_block_add_attention,
-            name="mid_block", **kw,
-        )(x)  # fmt: skip
+            c.block_out_channels[-1],
+            c.norm_num_groups,
+            c.mid_block_add_attention,
+            name="mid_block",
+            **kw,
+        )(x)
         for i, channels in enumerate(reversed(c.block_out_channels)):
             for j in range(c.layers_per_block + 1):
                 x = ResnetBlock2D(

@@ -1,0 +1,122 @@
+"""The UNet against diffusers: the shared fixture, SD 2.x and SDXL-style configs, bad configs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import REFERENCE, randomized, relative_error
+
+from ella_jax.weights.diffusers import load_unet
+from ella_jax.weights.tensors import CheckpointError
+
+IO = np.load(REFERENCE / "pipeline_io.npz")
+UNET_FOLDER = REFERENCE / "sd" / "unet"
+nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1)  # noqa: E731
+
+
+def test_fixture_noise_prediction_matches_reference():
+    model, params = load_unet(UNET_FOLDER)
+    out = model.apply({"params": params}, nhwc(IO["latents0"]), 999, IO["ella_fixed_t999"])
+    assert out.shape == (2, 8, 8, 4)
+    assert relative_error(out, nhwc(IO["unet_out_t999"])) < 1e-4
+
+
+TINY = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=24,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+)
+VARIANTS = {
+    "sd2_linear_projection": dict(
+        attention_head_dim=[2, 4], use_linear_projection=True, upcast_attention=True
+    ),
+    "only_cross_attention": dict(
+        attention_head_dim=4,
+        only_cross_attention=[True, False],
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    ),
+    "sdxl_text_time": dict(
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        transformer_layers_per_block=[1, 2],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        conv_in_kernel=5,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants_match_diffusers(variant, tmp_path):
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    reference = randomized(UNet2DConditionModel(**{**TINY, **VARIANTS[variant]}))
+    reference.save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    timesteps = np.array([999.0, 17.0], np.float32)
+    context = rng.standard_normal((2, 7, 24)).astype(np.float32)
+    added = {}
+    if variant == "sdxl_text_time":
+        added = dict(
+            added_text_embeds=rng.standard_normal((2, 16)).astype(np.float32),
+            added_time_ids=np.array([[512, 512, 0, 0, 512, 512]] * 2, np.float32),
+        )
+    with torch.no_grad():
+        expected = reference(
+            torch.from_numpy(latents),
+            torch.from_numpy(timesteps),
+            torch.from_numpy(context),
+            added_cond_kwargs={
+                "text_embeds": torch.from_numpy(added["added_text_embeds"]),
+                "time_ids": torch.from_numpy(added["added_time_ids"]),
+            }
+            if added
+            else None,
+        ).sample.numpy()
+
+    model, params = load_unet(tmp_path)
+    out = model.apply({"params": params}, nhwc(latents), timesteps, context, **added)
+    assert relative_error(out, nhwc(expected)) < 1e-4
+
+
+def bad_config(tmp_path, **changes):
+    folder = tmp_path / "unet"
+    shutil.copytree(UNET_FOLDER, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift='scale_shift'"),
+        ({"attention_type": "gated"}, "attention_type='gated'"),
+        (
+            {"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]},
+            "down_block_types has 'SimpleCrossAttnDownBlock2D'",
+        ),
+        (
+            {"block_out_channels": [32, 48]},
+            "'down_blocks.1.resnets.0.conv1.bias' has shape (64,), the model expects (48,)",
+        ),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, changes, message):
+    with pytest.raises(CheckpointError) as error:
+        load_unet(bad_config(tmp_path, **changes))
+    assert message in str(error.value) and "unet" in str(error.value)
