@@ -76,3 +76,17 @@ def test_config_without_quant_convs_or_attention_matches_diffusers(tmp_path):
     decoded = model.apply({"params": params}, nhwc(expected_mean), method="decode")
     assert relative_error(mean, nhwc(expected_mean)) < 1e-4
     assert relative_error(decoded, nhwc(expected_image)) < 1e-4
+
+
+def test_unsupported_block_type_names_the_field(tmp_path):
+    import json
+    import shutil
+
+    from ella_jax.weights.tensors import CheckpointError
+
+    shutil.copytree(VAE_FOLDER, tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    config["up_block_types"] = ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="up_block_types has 'AttnUpDecoderBlock2D'"):
+        load_vae(tmp_path / "vae")
