@@ -1,0 +1,315 @@
+"""The frozen backbones at their real sizes with random weights: Flax ports against PyTorch.
+
+    .venv/bin/python -m bench.real_size_backbones [--only unet|t5|vae] [--repeats 3]
+
+Each check builds the reference (diffusers / transformers) from the real config with random
+weights, runs it, saves it with `save_pretrained` to a temporary folder and frees it, then loads
+the folder with this project's loader and runs the jitted port on the same inputs:
+
+    unet  SD 1.5 UNet (~860M parameters): latents (2, 16, 16, 4), timesteps [999, 250],
+          context (2, 77, 768)
+    t5    flan-t5-xl encoder (~1.2B parameters, 4.9 GB in float32): 2 x 16 token ids, the second
+          with 9 real tokens; compared on the real tokens
+    vae   SD 1.5 VAE (~84M parameters): decode (1, 8, 8, 4) -> (1, 64, 64, 3), encode
+          (1, 64, 64, 3) -> mean, logvar
+
+All in float32 on the CPU. Prints one line per check: the relative error
+max|jax - torch| / max|torch| and the median forward time of each (JAX jitted, after
+compilation; PyTorch eager under `torch.inference_mode()`). Exits 1 if any relative error
+exceeds 1e-4. Peak memory is about 10 GiB, in the T5 check (the checkpoint's tensors and the
+port's parameters are both held while loading); run the parts one at a time with `--only`.
+Needs the test extra (torch, diffusers, transformers).
+"""
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.t5 import load_t5_encoder
+
+TOLERANCE = 1e-4
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "use_linear_projection": False,
+}
+FLAN_T5_XL = {
+    "d_model": 2048,
+    "d_ff": 5120,
+    "d_kv": 64,
+    "num_heads": 32,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "is_encoder_decoder": False,
+    "use_cache": False,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+
+
+def median_s(run: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `run()` over `repeats` calls, after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    """max|ours - reference| / max|reference|."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    if ours.shape != reference.shape:
+        raise ValueError(f"shape {ours.shape} against the reference's {reference.shape}")
+    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int, constant_only: bool = False) -> None:
+    """Adds noise to the parameters in place, so that no path is silenced by an initial value:
+    0.1 x its std to a random tensor, N(0, 0.05) to a constant one (norm scales and shifts,
+    zero biases). `constant_only` leaves the random tensors as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        flat = param.view(-1)
+        constant = bool((flat == flat[0]).all())
+        if constant_only and not constant:
+            continue
+        std = 0.05 if constant else 0.1 * float(param.std())
+        param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype), alpha=std)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def timing(jax_s: float, torch_s: float) -> str:
+    return f"JAX jit {1e3 * jax_s:8.1f} ms, torch {1e3 * torch_s:8.1f} ms"
+
+
+def reference_unet(
+    folder: str, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray, repeats: int
+) -> tuple[np.ndarray, float, float]:
+    """diffusers' UNet with random (perturbed) weights, saved to `folder`: its NHWC output,
+    its median forward seconds and its millions of parameters. The model is freed on return."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch.manual_seed(0)
+    reference = TorchUNet(**SD15_UNET).eval()
+    perturb_(reference, seed=1)
+    args = (
+        torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+        torch.from_numpy(timesteps),
+        torch.from_numpy(context),
+    )
+    with torch.inference_mode():
+        expected = reference(*args).sample.numpy().transpose(0, 2, 3, 1).copy()
+        torch_s = median_s(lambda: reference(*args), repeats)
+    reference.save_pretrained(folder, safe_serialization=True)
+    return expected, torch_s, count_parameters(reference) / 1e6
+
+
+def check_unet(repeats: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)  # NHWC
+    timesteps = np.array([999.0, 250.0], np.float32)
+    context = rng.standard_normal((2, 77, 768), dtype=np.float32)
+
+    with tempfile.TemporaryDirectory(prefix="unet.") as folder:
+        expected, torch_s, millions = reference_unet(folder, latents, timesteps, context, repeats)
+        gc.collect()
+        model, params = load_unet(folder)
+
+    forward = jax.jit(model.apply)
+    inputs = (jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context))
+    start = time.perf_counter()
+    compiled = forward.lower({"params": params}, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    ours = np.asarray(compiled({"params": params}, *inputs))
+    jax_s = median_s(lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats)
+    error = relative_error(ours, expected)
+    print(
+        f"unet  SD 1.5 UNet ({millions:.0f}M), B=2 16x16 latents, 77 tokens: "
+        f"rel err {error:.2e} | {timing(jax_s, torch_s)} (JAX compile {compile_s:.0f} s)",
+        flush=True,
+    )
+    return [error]
+
+
+def reference_t5(
+    folder: str, input_ids: np.ndarray, mask: np.ndarray, repeats: int
+) -> tuple[np.ndarray, float, float]:
+    """transformers' T5 encoder with random weights (norm scales perturbed), saved to `folder`:
+    its last hidden state, its median forward seconds and its billions of parameters. The model
+    is freed on return, so only one copy of the 4.9 GB of weights is alive at a time."""
+    from transformers import T5Config as TorchT5Config
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    reference = T5EncoderModel(TorchT5Config(**FLAN_T5_XL)).eval()
+    perturb_(reference, seed=1, constant_only=True)  # the RMS norm scales (all ones)
+    ids, attention_mask = torch.from_numpy(input_ids), torch.from_numpy(mask)
+    with torch.inference_mode():
+        run = lambda: reference(input_ids=ids, attention_mask=attention_mask)  # noqa: E731
+        expected = run().last_hidden_state.numpy().copy()
+        torch_s = median_s(run, repeats)
+    reference.save_pretrained(folder, safe_serialization=True)
+    return expected, torch_s, count_parameters(reference) / 1e9
+
+
+def check_t5(repeats: int) -> list[float]:
+    length, real = 16, (16, 9)
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(1, FLAN_T5_XL["vocab_size"], (2, length)).astype(np.int64)
+    mask = (np.arange(length)[None, :] < np.array(real)[:, None]).astype(np.int64)
+    input_ids[mask == 0] = 0  # the pad token id
+
+    with tempfile.TemporaryDirectory(prefix="t5.") as folder:
+        expected, torch_s, billions = reference_t5(folder, input_ids, mask, repeats)
+        gc.collect()
+        model, params = load_t5_encoder(folder)
+
+    forward = jax.jit(model.apply)
+    inputs = (jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    start = time.perf_counter()
+    compiled = forward.lower({"params": params}, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    ours = np.asarray(compiled({"params": params}, *inputs))
+    jax_s = median_s(lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats)
+    real_tokens = mask.astype(bool)
+    error = relative_error(ours[real_tokens], expected[real_tokens])
+    print(
+        f"t5    flan-t5-xl encoder ({billions:.2f}B), B=2 x {length} tokens ({real[0]} and "
+        f"{real[1]} real): rel err {error:.2e} | {timing(jax_s, torch_s)} "
+        f"(JAX compile {compile_s:.0f} s)",
+        flush=True,
+    )
+    return [error]
+
+
+def reference_vae(
+    folder: str, latents: np.ndarray, images: np.ndarray, repeats: int
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float, float, float]:
+    """diffusers' VAE with random (perturbed) weights, saved to `folder`: (decoded, mean,
+    logvar) in NHWC, its median decode and encode seconds and its millions of parameters."""
+    from diffusers import AutoencoderKL as TorchVAE
+
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1).copy()  # noqa: E731
+    torch.manual_seed(0)
+    reference = TorchVAE(**SD15_VAE).eval()
+    perturb_(reference, seed=1)
+    latents_t, images_t = nchw(latents), nchw(images)
+    with torch.inference_mode():
+        decoded = nhwc(reference.decode(latents_t).sample)
+        dist = reference.encode(images_t).latent_dist
+        mean, logvar = nhwc(dist.mean), nhwc(dist.logvar)
+        decode_s = median_s(lambda: reference.decode(latents_t), repeats)
+        encode_s = median_s(lambda: reference.encode(images_t), repeats)
+    reference.save_pretrained(folder, safe_serialization=True)
+    return (decoded, mean, logvar), decode_s, encode_s, count_parameters(reference) / 1e6
+
+
+def check_vae(repeats: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 8, 8, 4), dtype=np.float32)  # NHWC
+    images = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+
+    with tempfile.TemporaryDirectory(prefix="vae.") as folder:
+        expected, torch_decode_s, torch_encode_s, millions = reference_vae(
+            folder, latents, images, repeats
+        )
+        gc.collect()
+        model, params = load_vae(folder)
+    decoded, mean, logvar = expected
+
+    variables = {"params": params}
+    decode = jax.jit(lambda v, z: model.apply(v, z, method="decode"))
+    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode"))
+    latents_j, images_j = jnp.asarray(latents), jnp.asarray(images)
+    decoded_j = np.asarray(decode(variables, latents_j))
+    mean_j, logvar_j = (np.asarray(a) for a in encode(variables, images_j))
+    jax_decode_s = median_s(lambda: decode(variables, latents_j).block_until_ready(), repeats)
+    jax_encode_s = median_s(lambda: jax.block_until_ready(encode(variables, images_j)), repeats)
+    errors = [
+        relative_error(decoded_j, decoded),
+        relative_error(mean_j, mean),
+        relative_error(logvar_j, logvar),
+    ]
+    print(
+        f"vae   SD 1.5 VAE ({millions:.0f}M): decode (1, 8, 8, 4) -> (1, 64, 64, 3) rel err "
+        f"{errors[0]:.2e} | {timing(jax_decode_s, torch_decode_s)}; encode (1, 64, 64, 3) "
+        f"rel err mean {errors[1]:.2e}, logvar {errors[2]:.2e} | "
+        f"{timing(jax_encode_s, torch_encode_s)}",
+        flush=True,
+    )
+    return errors
+
+
+CHECKS: dict[str, Callable[[int], list[float]]] = {
+    "unet": check_unet,
+    "t5": check_t5,
+    "vae": check_vae,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--only", choices=sorted(CHECKS), help="run this check alone")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model")
+    args = parser.parse_args()
+
+    print(
+        f"float32, CPU (jax {jax.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads); tolerance {TOLERANCE:g}",
+        flush=True,
+    )
+    worst = 0.0
+    for name, check in CHECKS.items():
+        if args.only in (None, name):
+            worst = max(worst, *check(args.repeats))
+            gc.collect()
+    if worst > TOLERANCE:
+        print(f"FAIL: a relative error {worst:.2e} exceeds {TOLERANCE:g}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
