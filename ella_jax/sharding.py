@@ -79,6 +79,6 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
-    """Puts host arrays on the mesh, split along the batch axis."""
-    return tuple(jax.device_put(a, batch_sharding(mesh, np.ndim(a))) for a in arrays)
+def shard_batch(mesh: Mesh, tree: Any) -> Any:
+    """Puts every array of `tree` on the mesh, split along its leading (batch) axis."""
+    return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(mesh, np.ndim(a))), tree)

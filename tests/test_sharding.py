@@ -63,7 +63,7 @@ def test_sharded_forward_equals_unsharded(case):
         len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated
         for leaf in jax.tree.leaves(sharded_params)
     ), "no parameter is sharded"
-    out = jax.jit(forward)(sharded_params, *shard_batch(mesh, *inputs))
+    out = jax.jit(forward)(sharded_params, *shard_batch(mesh, inputs))
     for actual, reference in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
         assert len(actual.sharding.device_set) == 8
         assert relative_error(actual, reference) < 1e-4  # float32 summation order only

@@ -1,0 +1,208 @@
+"""`ELLAPipeline`: the official ELLA inference, from standard folders, around the jitted sampler."""
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from ella_jax.sampling import TextConditioning, sample_latents
+from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
+from ella_jax.sharding import Mesh, param_shardings, shard_batch
+from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.weights.clip import load_clip_text_encoder
+from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.ella import load_ella
+from ella_jax.weights.t5 import load_t5_encoder
+from ella_jax.weights.tensors import CheckpointError, read_json
+
+FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
+Mode = Literal["ella", "ella+clip", "clip"]
+
+
+class ELLAPipeline:
+    """Text to image with ELLA: T5 once per prompt, ELLA + UNet at every step, VAE decode.
+
+    Build with `from_pretrained`; call with prompts. Each stage is jitted once per shape.
+    """
+
+    def __init__(
+        self,
+        modules: dict,
+        params: dict,
+        tokenizers: dict,
+        scheduler: SchedulerConfig,
+        mesh: Mesh | None = None,
+    ) -> None:
+        self.modules, self.tokenizers, self.scheduler, self.mesh = (
+            modules,
+            tokenizers,
+            scheduler,
+            mesh,
+        )
+        if mesh is not None:
+            params = jax.device_put(params, param_shardings(params, mesh))
+        self.params = params
+        t5, clip, vae = modules["t5"], modules["clip"], modules["vae"]
+        self._t5 = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
+        self._clip = jax.jit(lambda p, ids: clip.apply({"params": p}, ids)[0])
+        self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+        self._sample = jax.jit(
+            functools.partial(sample_latents, modules["unet"], modules["ella"]),
+            static_argnames="prediction_type",
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        sd: str | os.PathLike,
+        t5: str | os.PathLike,
+        ella: str | os.PathLike,
+        ella_heads: int | None = None,
+        dtype: DTypeLike = "float32",
+        t5_dtype: DTypeLike | None = None,
+        scheduler: str | None = None,
+        mesh: Mesh | None = None,
+    ) -> "ELLAPipeline":
+        """sd: a diffusers Stable Diffusion folder; t5: a Hugging Face T5 folder (flan-t5-xl);
+        ella: an official ELLA .safetensors or a converted directory (`ella_heads` as in
+        `load_ella`). `dtype` is the UNet, VAE, CLIP and ELLA compute and parameter dtype;
+        `t5_dtype` defaults to float32 in a float32 pipeline and to float16 otherwise, the dtype
+        ELLA's features were trained on. `scheduler`: "dpm", "ddim" or "euler" overrides the
+        folder's scheduler class. `mesh`: shard the parameters and the batch over it."""
+        sd = Path(sd)
+        dtype = jnp.dtype(dtype)
+        t5_dtype = jnp.dtype(t5_dtype or (jnp.float32 if dtype == jnp.float32 else jnp.float16))
+        unet, unet_params = load_unet(sd / "unet", dtype)
+        vae, vae_params = load_vae(sd / "vae", dtype)
+        clip, clip_params = load_clip_text_encoder(sd / "text_encoder", dtype)
+        t5_model, t5_params = load_t5_encoder(t5, t5_dtype)
+        ella_model, ella_params = load_ella(ella, ella_heads, dtype=dtype, param_dtype=dtype)
+        if ella_model.width != unet.config.cross_attention_dim:
+            raise CheckpointError(
+                f"{ella}: ELLA width {ella_model.width} is not the UNet's cross_attention_dim "
+                f"{unet.config.cross_attention_dim} ({sd / 'unet'})"
+            )
+        scheduler_path = sd / "scheduler" / "scheduler_config.json"
+        try:
+            scheduler_config = SchedulerConfig.from_dict(read_json(scheduler_path), kind=scheduler)
+        except ValueError as e:
+            raise CheckpointError(f"{scheduler_path}: {e}") from None
+        modules = dict(unet=unet, vae=vae, clip=clip, t5=t5_model, ella=ella_model)
+        params = dict(
+            unet=unet_params, vae=vae_params, clip=clip_params, t5=t5_params, ella=ella_params
+        )
+        tokenizers = dict(t5=load_tokenizer(t5), clip=load_tokenizer(sd / "tokenizer"))
+        return cls(modules, params, tokenizers, scheduler_config, mesh)
+
+    def encode_prompt(
+        self, prompts: list[str] | str, token_length: Literal["fixed", "flexible"] = "fixed"
+    ) -> tuple[jax.Array, np.ndarray]:
+        """T5 features (B, L, d_model) and token mask (B, L) bool. "fixed": padded and truncated
+        to 128 tokens (the connector sees all of them, as in the reference); "flexible": each
+        prompt's own tokens, the batch padded and the padding masked."""
+        if token_length not in ("fixed", "flexible"):
+            raise ValueError(f"token_length={token_length!r}: use 'fixed' or 'flexible'")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        max_length = FIXED_TOKEN_LENGTH if token_length == "fixed" else None
+        ids, mask = tokenize(self.tokenizers["t5"], prompts, max_length)
+        features = self._t5(self.params["t5"], ids, mask)
+        # In the fixed mode the reference connector attends to every position, padding included.
+        return features, (np.ones_like(mask) if token_length == "fixed" else mask)
+
+    def encode_clip(self, prompts: list[str]) -> jax.Array:
+        """CLIP's last hidden state (B, 77, C) for the plain-SD and ELLA+CLIP modes."""
+        ids, _ = tokenize(
+            self.tokenizers["clip"], prompts, self.modules["clip"].config.max_position_embeddings
+        )
+        return self._clip(self.params["clip"], ids)
+
+    def conditioning(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        token_length: Literal["fixed", "flexible"],
+        mode: Mode,
+        clip_prompts: list[str] | None = None,
+    ) -> tuple[TextConditioning, TextConditioning]:
+        """(cond, uncond) for `sample_latents`; prompts and negatives are encoded together, so
+        they share one padded token length."""
+        if mode not in ("ella", "ella+clip", "clip"):
+            raise ValueError(f"mode={mode!r}: use 'ella', 'ella+clip' or 'clip'")
+        batch = len(prompts)
+        parts: dict[str, tuple] = {}
+        if mode != "clip":
+            features, mask = self.encode_prompt(negative_prompts + prompts, token_length)
+            parts.update(
+                t5_features=(features[:batch], features[batch:]),
+                token_mask=(mask[:batch], mask[batch:]),
+            )
+        if mode != "ella":
+            context = self.encode_clip(negative_prompts + (clip_prompts or prompts))
+            parts.update(clip_context=(context[:batch], context[batch:]))
+        uncond = TextConditioning(**{k: v[0] for k, v in parts.items()})
+        cond = TextConditioning(**{k: v[1] for k, v in parts.items()})
+        return cond, uncond
+
+    def __call__(
+        self,
+        prompts: list[str] | str,
+        negative_prompt: list[str] | str = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 12.0,
+        token_length: Literal["fixed", "flexible"] = "fixed",
+        height: int = 512,
+        width: int = 512,
+        latents: np.ndarray | jax.Array | None = None,
+        seed: int = 0,
+        output_type: Literal["pil", "np", "latent"] = "pil",
+        mode: Mode = "ella",
+        clip_prompts: list[str] | None = None,
+    ):
+        """Generates one image per prompt. `latents` (B, h, w, C) NHWC is the initial noise
+        (default: normal noise from `seed`). output_type "np": (B, H, W, 3) floats in [0, 1];
+        "latent": the final NHWC latents; "pil": a list of PIL images. `clip_prompts` gives CLIP
+        other prompts than T5 (ELLA+CLIP: tags for CLIP, the sentence for T5)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = (
+            [negative_prompt] * len(prompts)
+            if isinstance(negative_prompt, str)
+            else list(negative_prompt)
+        )
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        cond, uncond = self.conditioning(prompts, negatives, token_length, mode, clip_prompts)
+
+        vae_config = self.modules["vae"].config
+        factor = 2 ** (len(vae_config.block_out_channels) - 1)
+        if latents is None:
+            shape = (len(prompts), height // factor, width // factor, vae_config.latent_channels)
+            latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        schedule = make_schedule(self.scheduler, num_inference_steps)
+        latents = initial_latents(schedule, jnp.asarray(latents, jnp.float32))
+        if self.mesh is not None:
+            latents, cond, uncond = shard_batch(self.mesh, latents, cond, uncond)
+        params = {"unet": self.params["unet"], "ella": self.params["ella"]}
+        latents = self._sample(
+            params,
+            schedule,
+            self.scheduler.prediction_type,
+            latents,
+            cond,
+            uncond,
+            jnp.float32(guidance_scale),
+        )
+        if output_type == "latent":
+            return latents
+        scaled = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
+        images = self._decode(self.params["vae"], scaled)
+        images = np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
+        if output_type == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray(np.round(255 * image).astype(np.uint8)) for image in images]
