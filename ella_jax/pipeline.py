@@ -18,7 +18,7 @@ from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import load_ella
 from ella_jax.weights.t5 import load_t5_encoder
-from ella_jax.weights.tensors import CheckpointError, read_json
+from ella_jax.weights.tensors import CheckpointError, read_config
 
 FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
 Mode = Literal["ella", "ella+clip", "clip"]
@@ -87,11 +87,10 @@ class ELLAPipeline:
                 f"{ella}: ELLA width {ella_model.width} is not the UNet's cross_attention_dim "
                 f"{unet.config.cross_attention_dim} ({sd / 'unet'})"
             )
-        scheduler_path = sd / "scheduler" / "scheduler_config.json"
-        try:
-            scheduler_config = SchedulerConfig.from_dict(read_json(scheduler_path), kind=scheduler)
-        except ValueError as e:
-            raise CheckpointError(f"{scheduler_path}: {e}") from None
+        scheduler_config = read_config(
+            sd / "scheduler" / "scheduler_config.json",
+            functools.partial(SchedulerConfig.from_dict, kind=scheduler),
+        )
         modules = dict(unet=unet, vae=vae, clip=clip, t5=t5_model, ella=ella_model)
         params = dict(
             unet=unet_params, vae=vae_params, clip=clip_params, t5=t5_params, ella=ella_params

@@ -39,9 +39,26 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> "CLIPTextConfig":
+        """Reads a Hugging Face CLIP text config; what the port does not implement raises
+        ValueError naming the field."""
+        if raw.get("model_type", "clip_text_model") != "clip_text_model":
+            raise ValueError(f"model_type={raw['model_type']!r} is not supported (clip_text_model)")
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        config = cls(**{k: v for k, v in raw.items() if k in fields})
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={config.hidden_act!r} is not supported "
+                f"(activations: {', '.join(ACTIVATIONS)})"
+            )
+        if not isinstance(config.eos_token_id, int):
+            raise ValueError(f"eos_token_id={config.eos_token_id!r} must be an integer")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={config.num_attention_heads} does not divide "
+                f"hidden_size={config.hidden_size}"
+            )
+        return config
 
 
 def causal_bias(length: int, dtype: DTypeLike) -> jnp.ndarray:

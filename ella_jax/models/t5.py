@@ -55,9 +55,19 @@ class T5Config:
         return self.feed_forward_proj.removeprefix("gated-")
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "T5Config":
+    def from_dict(cls, raw: dict[str, Any]) -> "T5Config":
+        """Reads a Hugging Face T5 config; what the port does not implement raises ValueError
+        naming the field."""
+        if raw.get("model_type", "t5") != "t5":
+            raise ValueError(f"model_type={raw['model_type']!r} is not supported (t5)")
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        config = cls(**{k: v for k, v in raw.items() if k in fields})
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"feed_forward_proj={config.feed_forward_proj!r} is not supported "
+                f"(activations: {', '.join(ACTIVATIONS)})"
+            )
+        return config
 
 
 def relative_position_buckets(

@@ -2,9 +2,7 @@
 `config.json` and `diffusion_pytorch_model.safetensors`, or shards with an index)."""
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +11,9 @@ from jax.typing import DTypeLike
 from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ella_jax.models.vae import AutoencoderKL, VAEConfig
 from ella_jax.weights.modules import params_for
-from ella_jax.weights.tensors import CheckpointError, read_json, read_weights_folder
+from ella_jax.weights.tensors import read_config, read_weights_folder
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
-
-
-def read_diffusers_config(folder: str | os.PathLike, parse: Callable[[dict], Any]) -> Any:
-    """`parse(config.json)`, its ValueError for an unsupported field named with the file."""
-    path = Path(folder) / "config.json"
-    try:
-        return parse(read_json(path))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_unet(
@@ -34,7 +23,7 @@ def load_unet(
 
     Use: `model.apply({"params": params}, latents_nhwc, timesteps, context)`.
     """
-    config = read_diffusers_config(folder, UNetConfig.from_dict)
+    config = read_config(Path(folder) / "config.json", UNetConfig.from_dict)
     model = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype or dtype)
     levels = len(config.block_out_channels)
     size = 2 ** (levels - 1)
@@ -60,7 +49,7 @@ def load_vae(
 
     Use: `model.apply({"params": params}, latents, method="decode")`, `method="encode"`.
     """
-    config = read_diffusers_config(folder, VAEConfig.from_dict)
+    config = read_config(Path(folder) / "config.json", VAEConfig.from_dict)
     model = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype or dtype)
     size = 2 ** (len(config.block_out_channels) - 1)
     example = (jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),)

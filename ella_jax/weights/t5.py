@@ -8,27 +8,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from ella_jax.models.t5 import ACTIVATIONS, T5Config, T5Encoder
+from ella_jax.models.t5 import T5Config, T5Encoder
 from ella_jax.weights.modules import params_for
-from ella_jax.weights.tensors import CheckpointError, read_json, read_weights_folder
-
-
-def read_t5_config(folder: str | os.PathLike) -> T5Config:
-    """The encoder's config, with a CheckpointError naming any field the port does not support."""
-    path = Path(folder) / "config.json"
-    raw = read_json(path)
-    if raw.get("model_type", "t5") != "t5":
-        raise CheckpointError(f"{path}: model_type={raw['model_type']!r} is not supported (t5)")
-    try:
-        config = T5Config.from_dict(raw)
-    except TypeError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    if config.activation not in ACTIVATIONS:
-        raise CheckpointError(
-            f"{path}: feed_forward_proj={config.feed_forward_proj!r} is not supported "
-            f"(activations: {', '.join(ACTIVATIONS)})"
-        )
-    return config
+from ella_jax.weights.tensors import read_config, read_weights_folder
 
 
 def load_t5_encoder(
@@ -38,7 +20,7 @@ def load_t5_encoder(
 
     Use: `model.apply({"params": params}, input_ids, attention_mask)` -> (B, L, d_model).
     """
-    config = read_t5_config(folder)
+    config = read_config(Path(folder) / "config.json", T5Config.from_dict)
     tensors = read_weights_folder(
         folder, "model", keep=lambda n: n.startswith(("shared.", "encoder."))
     )

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
@@ -63,6 +64,15 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
+
+
+def read_config(path: str | os.PathLike, parse: Callable[[dict], Any]) -> Any:
+    """`parse(the JSON object in path)`; its ValueError (a field the port does not implement)
+    becomes a CheckpointError naming the file."""
+    try:
+        return parse(read_json(path))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 @contextlib.contextmanager
