@@ -8,11 +8,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from ella_jax.sampling import TextConditioning, sample_latents
 from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
-from ella_jax.sharding import Mesh, param_shardings, shard_batch
+from ella_jax.sharding import param_shardings, shard_batch
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
@@ -38,12 +39,10 @@ class ELLAPipeline:
         scheduler: SchedulerConfig,
         mesh: Mesh | None = None,
     ) -> None:
-        self.modules, self.tokenizers, self.scheduler, self.mesh = (
-            modules,
-            tokenizers,
-            scheduler,
-            mesh,
-        )
+        self.modules = modules
+        self.tokenizers = tokenizers
+        self.scheduler = scheduler
+        self.mesh = mesh
         if mesh is not None:
             params = jax.device_put(params, param_shardings(params, mesh))
         self.params = params
