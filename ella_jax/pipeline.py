@@ -183,7 +183,7 @@ class ELLAPipeline:
         schedule = make_schedule(self.scheduler, num_inference_steps)
         latents = initial_latents(schedule, jnp.asarray(latents, jnp.float32))
         if self.mesh is not None:
-            latents, cond, uncond = shard_batch(self.mesh, latents, cond, uncond)
+            latents, cond, uncond = shard_batch(self.mesh, (latents, cond, uncond))
         params = {"unet": self.params["unet"], "ella": self.params["ella"]}
         latents = self._sample(
             params,

@@ -46,3 +46,23 @@ def test_image_matches_reference_and_does_not_retrace(pipe):
     compiled = pipe._sample._cache_size()
     run(pipe, "fixed", output_type="np")
     assert pipe._sample._cache_size() == compiled
+
+
+@pytest.mark.parametrize("data, fsdp", [(2, 1), (1, 2)])
+def test_sharded_pipeline_matches_reference(data, fsdp):
+    """Batch over the mesh (data or fsdp), parameters laid out by the fsdp rule."""
+    import jax
+
+    from ella_jax.sharding import make_mesh
+
+    mesh = make_mesh(data, fsdp, devices=jax.devices()[:2])
+    pipe = ELLAPipeline.from_pretrained(
+        sd=REFERENCE / "sd",
+        t5=REFERENCE / "t5",
+        ella=REFERENCE / "ella.safetensors",
+        ella_heads=4,
+        mesh=mesh,
+    )
+    latents = run(pipe, "flexible")
+    assert latents.sharding.mesh.shape == {"data": data, "fsdp": fsdp}
+    assert relative_error(latents, nhwc(IO["latents_flex"])) < 1e-4
