@@ -1,0 +1,132 @@
+"""The generation CLI (`python -m ella_jax.generate`) on the tiny reference models, and the
+caption-upsampling helper. Few runs, shared by module-scoped fixtures: each loads and compiles."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import REFERENCE
+from PIL import Image
+
+from ella_jax.captions import INSTRUCTION, build_messages, upsample_caption
+from ella_jax.generate import main, slugify
+
+MODELS = [
+    "--sd", str(REFERENCE / "sd"),
+    "--t5", str(REFERENCE / "t5"),
+    "--ella", str(REFERENCE / "ella.safetensors"),
+    "--ella-heads", "4",
+    "--size", "16",
+    "--steps", "2",
+]  # fmt: skip
+PROMPTS = ["A red cube, on a table!", "two blue balls", "a cat " + "very " * 20 + "fluffy"]
+NAMES = [f"{i}_{slugify(prompt)}.png" for i, prompt in enumerate(PROMPTS)]
+
+
+def echo_reply(messages: list[dict[str, str]]) -> str:
+    """A fake LLM for --upsample-captions: answers with the last user turn, padded."""
+    return f"  {messages[-1]['content']}\n"
+
+
+def prompt_args() -> list[str]:
+    return [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), np.int16)
+
+
+@pytest.fixture(scope="module")
+def batched(tmp_path_factory):
+    """The three prompts in one batch of 3."""
+    out = tmp_path_factory.mktemp("batched")
+    assert (
+        main([*MODELS, *prompt_args(), "--batch-size", "3", "--seed", "7", "--out", str(out)]) == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same prompts one at a time, with the SD comparison and an (echoing) caption
+    upsampler."""
+    out = tmp_path_factory.mktemp("single")
+    argv = [*MODELS, *prompt_args(), "--batch-size", "1", "--seed", "7", "--out", str(out)]
+    argv += ["--compare-sd", "--upsample-captions", f"{__name__}:echo_reply"]
+    assert main(argv) == 0
+    return out
+
+
+def test_slugify():
+    assert slugify("A Red cube, on a table!") == "a-red-cube-on-a-table"
+    assert len(slugify("word " * 40)) <= 60
+    assert slugify("¿¡!") == "prompt"
+
+
+def test_one_png_per_prompt_with_metadata_and_grid(batched):
+    assert sorted(p.name for p in batched.iterdir()) == sorted([*NAMES, "grid.png"])
+    for i, (name, prompt) in enumerate(zip(NAMES, PROMPTS, strict=True)):
+        image = Image.open(batched / name)
+        assert image.size == (16, 16)
+        assert image.text["prompt"] == prompt
+        metadata = json.loads(image.text["ella-jax"])
+        assert metadata["prompt"] == prompt and metadata["seed"] == 7 + i
+        assert metadata["steps"] == 2 and metadata["size"] == 16 and metadata["mode"] == "ella"
+    # Three 16x16 images: a near-square grid of 2 columns and 2 rows.
+    assert Image.open(batched / "grid.png").size == (32, 32)
+
+
+def test_batch_size_does_not_change_images(batched, single):
+    for name in NAMES:
+        difference = np.abs(pixels(batched / name) - pixels(single / name)).max()
+        assert difference <= 1, name
+
+
+def test_compare_sd_and_upsampled_metadata(single):
+    for name, prompt in zip(NAMES, PROMPTS, strict=True):
+        compare = single / name.replace(".png", "_compare.png")
+        assert Image.open(compare).size == (32, 16)
+        # ELLA's image is the left half.
+        assert np.array_equal(pixels(compare)[:, :16], pixels(single / name))
+        metadata = json.loads(Image.open(single / name).text["ella-jax"])
+        assert metadata["prompt"] == prompt and metadata["upsampled_prompt"] == prompt
+
+
+def test_dpg_bench_grids_and_resume(tmp_path, capsys):
+    tsv = tmp_path / "prompts.tsv"
+    tsv.write_text("item_id\tprompt\nA1\ta red cube on a table\nb_2\ttwo dogs in the snow\n")
+    out = tmp_path / "out"
+    # A batch of 3 images straddles the two prompts' grids of 4.
+    argv = [*MODELS, "--dpg-bench", str(tsv), "--batch-size", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["A1.png", "b_2.png"]
+    for name in ("A1.png", "b_2.png"):
+        image = Image.open(out / name)
+        assert image.size == (32, 32)
+        assert json.loads(image.text["ella-jax"])["seeds"] == [0, 1, 2, 3]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "2 of 2 prompts already done" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_missing_prompts_file_is_one_error_line(tmp_path, capsys):
+    argv = [*MODELS, "--prompts-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "missing.txt" in err
+
+
+def test_upsample_caption():
+    def reply(text):
+        return lambda messages: text
+
+    assert upsample_caption("a cat", reply("  A fluffy grey cat sits on a mat.\n")) == (
+        "A fluffy grey cat sits on a mat."
+    )
+    assert upsample_caption("a cat", reply("  \n")) == "a cat"
+    messages = build_messages("a cat")
+    assert messages[0] == {"role": "system", "content": INSTRUCTION}
+    assert messages[-1] == {"role": "user", "content": "a cat"}
+    assert [m["role"] for m in messages[1:-1]] == ["user", "assistant"] * 4
