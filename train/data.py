@@ -1,0 +1,142 @@
+"""Image-caption training data with grain.
+
+Sources: a JSONL manifest ({"image": path relative to the manifest, "caption": ...}), a folder of
+images with same-named .txt captions, or ArrayRecord shards of msgpack records
+{"image": encoded bytes, "caption": str}. Each example is decoded, resized (shorter side) and
+centre-cropped to the resolution, its caption dropped with probability p (so guidance works),
+and tokenized for T5 at the fixed length. A corrupt or unreadable image becomes a zero image with
+`valid` False: the loss masks it out and the metrics count it, the run never stops for it.
+
+Global batches do not depend on how many processes read them: the shuffled, repeated example
+sequence is cut into global batches, and process p reads rows [p * L, (p + 1) * L) of each
+(L = global batch / process count).
+"""
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grain
+import msgpack
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Records {"image": absolute path, "caption"} of a JSONL manifest."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            records.append(
+                {"image": str(path.parent / entry["image"]), "caption": entry["caption"]}
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}:{number}: not a {{'image', 'caption'}} JSON object ({e})"
+            ) from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def read_folder(path: str | Path) -> list[dict[str, str]]:
+    """Records of every image in `path` (recursively) that has a same-named .txt caption."""
+    path = Path(path)
+    records = [
+        {"image": str(image), "caption": image.with_suffix(".txt").read_text().strip()}
+        for image in sorted(path.rglob("*"))
+        if image.suffix.lower() in IMAGE_SUFFIXES and image.with_suffix(".txt").is_file()
+    ]
+    if not records:
+        raise ValueError(f"{path}: no images with .txt captions")
+    return records
+
+
+def write_array_record(records: list[dict[str, Any]], path: str | Path) -> None:
+    """Writes records {"image": path or encoded bytes, "caption"} as one ArrayRecord shard."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for record in records:
+        image = record["image"]
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        writer.write(msgpack.packb({"image": data, "caption": record["caption"]}))
+    writer.close()
+
+
+def open_source(kind: str, path: str | list[str]) -> Any:
+    """A random-access source of records: kind "manifest", "folder" or "array_record"."""
+    if kind == "manifest":
+        return read_manifest(path)
+    if kind == "folder":
+        return read_folder(path)
+    if kind == "array_record":
+        paths = [path] if isinstance(path, str) else list(path)
+        return grain.sources.ArrayRecordDataSource([str(Path(p)) for p in paths])
+    raise ValueError(f"data.source={kind!r}: use 'manifest', 'folder' or 'array_record'")
+
+
+def decode(record: Any, resolution: int) -> dict[str, Any]:
+    """{"image": (R, R, 3) float32 in [-1, 1], "valid": bool, "caption": str}."""
+    if isinstance(record, bytes):
+        record = msgpack.unpackb(record)
+    caption = str(record.get("caption", ""))
+    try:
+        source = record["image"]
+        data = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(data) as image:
+            image = image.convert("RGB")
+            scale = resolution / min(image.size)
+            size = (
+                max(resolution, round(image.width * scale)),
+                max(resolution, round(image.height * scale)),
+            )
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+            pixels = np.asarray(image, np.float32) / 127.5 - 1.0
+        return {"image": pixels, "valid": True, "caption": caption}
+    except Exception:  # any unreadable image: skipped by the loss, counted by the metrics
+        return {
+            "image": np.zeros((resolution, resolution, 3), np.float32),
+            "valid": False,
+            "caption": "",
+        }
+
+
+def make_dataset(
+    source: Any,
+    tokenize: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    resolution: int,
+    global_batch: int,
+    caption_dropout: float,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Per-process batches {"image" (L, R, R, 3), "valid" (L,), "input_ids" (L, T),
+    "token_mask" (L, T)} of the global batches, L = global_batch / process_count."""
+    if global_batch % process_count:
+        raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
+    local = global_batch // process_count
+    examples = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+
+    def example(k: int) -> dict:
+        index = (k // local) * global_batch + process_index * local + k % local
+        decoded = decode(examples[index], resolution)
+        # Seeded by the global index, so the result does not depend on the process count.
+        if np.random.default_rng([seed, index]).random() < caption_dropout:
+            decoded["caption"] = ""
+        ids, mask = tokenize(decoded.pop("caption"))
+        return {**decoded, "input_ids": ids, "token_mask": mask}
+
+    rows = grain.MapDataset.range(0, (len(examples) // global_batch) * local)
+    return rows.map(example).batch(local, drop_remainder=True)

@@ -1,0 +1,294 @@
+"""The training loop: config checks, mesh, frozen models, sharded state, data, resume, compile,
+loop, export; each a short section, in that order."""
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ella_jax.images import grid, save_png
+from ella_jax.models.ella import ELLA
+from ella_jax.sampling import TextConditioning, sample_latents
+from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents, make_schedule
+from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
+from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.ella import CONFIG_KEYS, load_ella
+from ella_jax.weights.naming import params_to_torch
+from ella_jax.weights.t5 import load_t5_encoder
+from ella_jax.weights.tensors import atomic_path, read_config, read_json, write_safetensors
+from train import checkpoint, data
+from train.metrics import MetricsWriter
+from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; raised before any compute."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key: missing folders, an ELLA that does not fit the UNet, a mesh
+    that does not fit the devices, batch sizes the mesh cannot split."""
+    for key in ("sd", "t5"):
+        if not config[key] or not Path(config[key]).is_dir():
+            raise ConfigError(f"config.{key}={config[key]!r} is not a model folder")
+    for sub in ("unet", "vae", "scheduler"):
+        if not (Path(config.sd) / sub).is_dir():
+            raise ConfigError(f"config.sd={config.sd!r} has no {sub}/ folder")
+    cross_attention_dim = read_json(Path(config.sd) / "unet" / "config.json").get(
+        "cross_attention_dim"
+    )
+    if config.ella.width != cross_attention_dim:
+        raise ConfigError(
+            f"config.ella.width={config.ella.width} is not the UNet's cross_attention_dim "
+            f"{cross_attention_dim} ({config.sd}/unet/config.json)"
+        )
+    if config.ella.width % config.ella.heads:
+        raise ConfigError(
+            f"config.ella.heads={config.ella.heads} does not divide width={config.ella.width}"
+        )
+    try:
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    if config.batch_size % mesh.size:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} does not split over {mesh.size} devices"
+        )
+    for key in ("total_steps", "checkpoint_every", "log_every", "sample_every"):
+        if config[key] <= 0:
+            raise ConfigError(f"config.{key}={config[key]} must be positive")
+
+
+def export_ella(directory: Path, ella: ELLA, params: dict, dtype: str) -> None:
+    """WORKDIR/ella.safetensors (the official layout) and ella_config.json (the official
+    constructor's arguments)."""
+    tensors = {k: v.astype(dtype) for k, v in params_to_torch(jax.device_get(params)).items()}
+    with atomic_path(directory / "ella.safetensors", overwrite=True) as staging:
+        write_safetensors(tensors, staging)
+    config = {key: getattr(ella, key) for key in CONFIG_KEYS}
+    (directory / "ella_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_config(config)
+
+    # ---------------------------------------------------------------------------------- Mesh
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    batch_layout = lambda ndim: batch_sharding(mesh, ndim)  # noqa: E731
+
+    # ------------------------------------------------------------------------ Frozen models
+    sd = Path(config.sd)
+    t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
+    vae, vae_params = load_vae(sd / "vae", config.dtype)
+    unet, unet_params = load_unet(sd / "unet", config.dtype)
+    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
+    frozen_shardings = param_shardings(frozen, mesh)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
+
+    # ------------------------------------------------ ELLA and optimizer: sharded initial state
+    ella = ELLA(
+        **config.ella, input_dim=t5.config.d_model, dtype=config.dtype, param_dtype=jnp.float32
+    )
+    optimizer, learning_rate = make_optimizer(
+        config.learning_rate,
+        config.warmup_steps,
+        config.total_steps,
+        config.lr_schedule,
+        config.weight_decay,
+        config.grad_clip,
+    )
+
+    def initial_state():
+        if config.ella_init:
+            _, params = load_ella(config.ella_init, config.ella.heads, param_dtype=jnp.float32)
+        else:
+            features = jnp.zeros((1, 1, ella.input_dim), jnp.float32)
+            params = ella.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
+        return init_state(params, optimizer, config.seed)
+
+    abstract_state = jax.eval_shape(initial_state)
+    state_shardings = param_shardings(abstract_state, mesh)
+
+    # -------------------------------------------------------------------------------- Data
+    tokenizer = load_tokenizer(config.t5)
+
+    def tokenize_one(caption: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = tokenize(tokenizer, [caption], config.token_length)
+        return ids[0], mask[0]
+
+    dataset = data.make_dataset(
+        data.open_source(config.data.source, config.data.path),
+        tokenize_one,
+        config.data.resolution,
+        config.batch_size,
+        config.data.caption_dropout,
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    iterator = iter(dataset.to_iter_dataset())
+
+    # ------------------------------------------------------------------------------ Resume
+    manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
+    abstract_with_layout = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
+    )
+    state = checkpoint.restore_latest(manager, abstract_with_layout, iterator)
+    if state is None:
+        state = jax.jit(initial_state, out_shardings=state_shardings)()
+    start = int(state.step)
+    writer = MetricsWriter(workdir, resume_step=start)
+
+    # ----------------------------------------------------------------------------- Compile
+    step_config = StepConfig(
+        prediction_type=scheduler.prediction_type,
+        scaling_factor=vae.config.scaling_factor,
+        shift_factor=vae.config.shift_factor or 0.0,
+        ema_decay=config.ema_decay,
+        min_snr_gamma=config.min_snr_gamma,
+        mask_padding=config.mask_padding,
+    )
+    acp = jnp.asarray(alphas_cumprod(scheduler))
+    train_step = make_train_step(Models(t5, vae, unet, ella), optimizer, acp, step_config)
+    first = next(iterator)
+    batch_shardings = jax.tree.map(lambda a: batch_layout(np.ndim(a)), first)
+    compiled = (
+        jax.jit(
+            train_step,
+            in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        )
+        .lower(abstract_with_layout, frozen, jax.tree.map(_global_shape(config.batch_size), first))
+        .compile()
+    )
+    sampler = _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, scheduler)
+
+    # -------------------------------------------------------------------------------- Loop
+    stop = _stop_on_signals()
+    batch, skipped, pending = first, 0.0, None
+    clock, clock_step = time.perf_counter(), start
+    bar = tqdm(
+        total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True
+    )
+    for step in range(start + 1, config.total_steps + 1):
+        global_batch = jax.tree.map(
+            lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
+        )
+        state, metrics = compiled(state, frozen, global_batch)
+        if pending is not None:  # fetch the previous logged step while this one runs
+            skipped = _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
+            pending = None
+        if step % config.log_every == 0 or step == config.total_steps:
+            now = time.perf_counter()
+            pending = (step, metrics, now - clock, step - clock_step)
+            clock, clock_step = now, step
+        if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+            checkpoint.save(manager, step, state, iterator)
+        if step % config.sample_every == 0:
+            images = sampler(state.ema_params)
+            if jax.process_index() == 0:
+                save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
+        bar.update(1)
+        if stop.requested:
+            break
+        if step < config.total_steps:
+            batch = next(iterator)
+    if pending is not None:
+        _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
+    manager.wait_until_finished()
+    bar.close()
+    writer.close()
+
+    # ------------------------------------------------------------------------------ Export
+    if stop.requested:
+        print(f"stopped by signal at step {int(state.step)}; checkpoint saved, rerun to resume")
+        return
+    if jax.process_index() == 0:
+        export_ella(workdir, ella, state.ema_params, config.export_dtype)
+        print(f"wrote {workdir / 'ella.safetensors'} and {workdir / 'ella_config.json'}")
+
+
+def _global_shape(global_batch: int):
+    return lambda a: jax.ShapeDtypeStruct((global_batch, *np.shape(a)[1:]), np.asarray(a).dtype)
+
+
+def _log(writer, bar, step, metrics, seconds, steps, learning_rate, batch_size, skipped) -> float:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    skipped += values.pop("skipped")
+    record = {
+        **values,
+        "lr": float(learning_rate(step - 1)),
+        "samples_per_second": batch_size * steps / max(seconds, 1e-9),
+        "skipped_images": skipped,
+    }
+    if not np.isfinite(record["loss"]):
+        raise FloatingPointError(f"loss is {record['loss']} at step {step}")
+    writer.write(step, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+    return skipped
+
+
+class _StopFlag:
+    requested = False
+
+
+def _stop_on_signals() -> _StopFlag:
+    """SIGTERM / SIGINT ask the loop to save a checkpoint and return."""
+    flag = _StopFlag()
+
+    def request(signum, frame):
+        flag.requested = True
+
+    signal.signal(signal.SIGTERM, request)
+    signal.signal(signal.SIGINT, request)
+    return flag
+
+
+def _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, scheduler):
+    """ELLA params -> sample images (N, H, W, 3) in [0, 1] for config.sample_prompts."""
+    prompts = list(config.sample_prompts)
+    ids, mask = tokenize(tokenizer, [""] * len(prompts) + prompts, config.token_length)
+    features = jax.jit(lambda p: t5.apply({"params": p}, ids, mask))(frozen["t5"])
+    ella_mask = mask if config.mask_padding else np.ones_like(mask)
+    n = len(prompts)
+    uncond = TextConditioning(features[:n], ella_mask[:n])
+    cond = TextConditioning(features[n:], ella_mask[n:])
+    schedule = make_schedule(scheduler, config.sample_steps)
+    latent = config.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    noise = jax.random.normal(
+        jax.random.key(config.seed), (n, latent, latent, vae.config.latent_channels)
+    )
+    start = initial_latents(schedule, noise)
+
+    @jax.jit
+    def sample(ella_params):
+        params = {"unet": frozen["unet"], "ella": ella_params}
+        latents = sample_latents(
+            unet,
+            ella,
+            params,
+            schedule,
+            scheduler.prediction_type,
+            start,
+            cond,
+            uncond,
+            config.sample_guidance,
+        )
+        scaled = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.apply({"params": frozen["vae"]}, scaled, method="decode")
+        return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1)
+
+    return lambda ella_params: np.asarray(sample(ella_params))
