@@ -117,7 +117,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "skipped": batch_size - jnp.sum(valid),
         }
         return new_state, metrics

@@ -1,9 +1,11 @@
 """The training loop: config checks, mesh, frozen models, sharded state, data, resume, compile,
 loop, export; each a short section, in that order."""
 
+import contextlib
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -177,37 +179,37 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     sampler = _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
-    stop = _stop_on_signals()
-    batch, skipped, pending = first, 0.0, None
-    clock, clock_step = time.perf_counter(), start
-    bar = tqdm(
-        total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True
-    )
-    for step in range(start + 1, config.total_steps + 1):
-        global_batch = jax.tree.map(
-            lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
+    with _stop_on_signals() as stop:
+        batch, skipped, pending = first, 0.0, None
+        clock, clock_step = time.perf_counter(), start
+        bar = tqdm(
+            total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True
         )
-        state, metrics = compiled(state, frozen, global_batch)
-        if pending is not None:  # fetch the previous logged step while this one runs
-            skipped = _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
-            pending = None
-        if step % config.log_every == 0 or step == config.total_steps:
-            now = time.perf_counter()
-            pending = (step, metrics, now - clock, step - clock_step)
-            clock, clock_step = now, step
-        if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
-            checkpoint.save(manager, step, state, iterator)
-        if step % config.sample_every == 0:
-            images = sampler(state.ema_params)
-            if jax.process_index() == 0:
-                save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
-        bar.update(1)
-        if stop.requested:
-            break
-        if step < config.total_steps:
-            batch = next(iterator)
-    if pending is not None:
-        _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
+        for step in range(start + 1, config.total_steps + 1):
+            global_batch = jax.tree.map(
+                lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
+            )
+            state, metrics = compiled(state, frozen, global_batch)
+            if pending is not None:  # fetch the previous logged step while this one runs
+                skipped = _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
+                pending = None
+            if step % config.log_every == 0 or step == config.total_steps:
+                now = time.perf_counter()
+                pending = (step, metrics, now - clock, step - clock_step)
+                clock, clock_step = now, step
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+                checkpoint.save(manager, step, state, iterator)
+            if step % config.sample_every == 0:
+                images = sampler(state.ema_params)
+                if jax.process_index() == 0:
+                    save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
+            bar.update(1)
+            if stop.requested:
+                break
+            if step < config.total_steps:
+                batch = next(iterator)
+        if pending is not None:
+            _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
     manager.wait_until_finished()
     bar.close()
     writer.close()
@@ -245,16 +247,20 @@ class _StopFlag:
     requested = False
 
 
-def _stop_on_signals() -> _StopFlag:
-    """SIGTERM / SIGINT ask the loop to save a checkpoint and return."""
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    """While active, SIGTERM / SIGINT ask the loop to save a checkpoint and return."""
     flag = _StopFlag()
 
     def request(signum, frame):
         flag.requested = True
 
-    signal.signal(signal.SIGTERM, request)
-    signal.signal(signal.SIGINT, request)
-    return flag
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, scheduler):
