@@ -3,12 +3,22 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+from flax import traverse_util
 
-from ella_jax.weights.ella import load_ella, read_ella, write_converted
-from ella_jax.weights.naming import params_to_torch
-from ella_jax.weights.tensors import CheckpointError, atomic_path, write_safetensors
+from ella_jax.models.ella import ELLA
+from ella_jax.weights.ella import (
+    abstract_params,
+    check_config,
+    load_ella,
+    read_ella,
+    write_converted,
+    write_official,
+)
+from ella_jax.weights.naming import check_tensors
+from ella_jax.weights.tensors import CheckpointError, atomic_path, read_json
 
 DESCRIPTION = """\
 Convert ELLA connector checkpoints between the official PyTorch layout and ella-jax.
@@ -18,6 +28,8 @@ Convert ELLA connector checkpoints between the official PyTorch layout and ella-
             ella_jax.load_ella(DIR). Dtypes are kept.
   to-torch  a converted directory -> the official layout: the same tensor names, shapes and
             dtypes, so to-jax then to-torch gives back the original tensors bit for bit.
+  export    a training run's checkpoint (WORKDIR from `python -m train.main`) -> the official
+            layout, like the ella.safetensors the run writes at its end.
   info      print a checkpoint's config and parameter count and run one forward pass on it.
 
 Outputs are written whole or not at all. Errors print one line and exit with status 2.
@@ -33,9 +45,22 @@ def _to_jax(args: argparse.Namespace) -> str:
 
 def _to_torch(args: argparse.Namespace) -> str:
     config, params = read_ella(args.src)
-    with atomic_path(args.dst, overwrite=args.overwrite) as staging:
-        write_safetensors(params_to_torch(params), staging)
+    write_official(args.dst, params, overwrite=args.overwrite)
     return f"wrote {args.dst} ({config})"
+
+
+def _export(args: argparse.Namespace) -> str:
+    from train.checkpoint import read_trained_params
+
+    workdir = Path(args.workdir)
+    config = read_json(workdir / "ella_config.json")
+    check_config(config, str(workdir / "ella_config.json"))
+    params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
+    expected = traverse_util.flatten_dict(abstract_params(ELLA(**config)), sep="/")
+    found = traverse_util.flatten_dict(params, sep="/")
+    check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
+    write_official(args.dst, params, args.dtype, overwrite=args.overwrite)
+    return f"wrote {args.dst} ({args.weights} weights, {config})"
 
 
 def _info(args: argparse.Namespace) -> str:
@@ -86,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     to_torch.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     to_torch.set_defaults(run=_to_torch)
 
+    export = commands.add_parser("export", help="training checkpoint -> official .safetensors")
+    export.add_argument("workdir", help="the --workdir of a training run")
+    export.add_argument("dst", help=".safetensors file to create")
+    export.add_argument("--step", type=int, default=None, help="saved step (default: newest)")
+    export.add_argument(
+        "--weights", choices=["ema", "params"], default="ema", help="EMA or raw weights"
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="tensor dtype (default: float32, as trained; the released file is float16)",
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    export.set_defaults(run=_export)
+
     info = commands.add_parser("info", help="describe a checkpoint and run it once")
     info.add_argument("path", help="official .safetensors file or converted directory")
     info.add_argument("--heads", type=int, default=None, help="override the heads (default 8)")
@@ -100,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(args.run(args))
     except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

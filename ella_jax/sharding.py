@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
@@ -53,14 +52,15 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
 
 
 def param_specs(params: Any, mesh: Mesh, rules: Sequence[tuple[str, PartitionSpec]] = ()) -> Any:
-    """A tree of PartitionSpecs like `params` (arrays or ShapeDtypeStructs): the first rule
-    whose regex matches the '/'-joined path (`re.search`), else `fsdp_spec`."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    specs = {}
-    for path, leaf in flat.items():
-        rule = next((spec for pattern, spec in rules if re.search(pattern, path)), None)
-        specs[path] = rule if rule is not None else fsdp_spec(leaf.shape, mesh.shape["fsdp"])
-    return traverse_util.unflatten_dict(specs, sep="/")
+    """A tree of PartitionSpecs like `params` (any pytree of arrays or ShapeDtypeStructs): the
+    first rule whose regex matches the '/'-joined path (`re.search`), else `fsdp_spec`."""
+
+    def spec(path: tuple, leaf: Any) -> PartitionSpec:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        rule = next((spec for pattern, spec in rules if re.search(pattern, name)), None)
+        return rule if rule is not None else fsdp_spec(np.shape(leaf), mesh.shape["fsdp"])
+
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def param_shardings(

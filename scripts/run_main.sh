@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: converts the small ELLA checkpoint shipped in
-# tests/fixtures to a JAX directory and back, and runs the connector on it.
+# The main job on the embedded default: trains ELLA with configs/tiny.py (tiny models and data
+# that ship in the repository) on the CPU, into out/tiny. Rerunning resumes; extra arguments go
+# to train.main (e.g. --config.total_steps=200).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-out="${1:-out/ella-tiny}"
-python -m convert to-jax tests/fixtures/reference/ella.safetensors "$out" --heads 4 --overwrite
-python -m convert to-torch "$out" "$out.safetensors" --overwrite
-python -m convert info "$out"
+python -m train.main --config configs/tiny.py --workdir out/tiny "$@"

@@ -79,6 +79,18 @@ def test_tiny_config_runs_to_the_end(uninterrupted):
     assert model.width == 64
 
 
+def test_convert_exports_a_saved_checkpoint(uninterrupted, tmp_path):
+    from convert.__main__ import main
+
+    exported = tmp_path / "step12.safetensors"
+    assert main(["export", str(uninterrupted), str(exported), "--step", "12"]) == 0
+    final = safetensors.numpy.load_file(uninterrupted / "ella.safetensors")
+    again = safetensors.numpy.load_file(exported)
+    assert sorted(final) == sorted(again)
+    assert all(final[k].tobytes() == again[k].tobytes() for k in final)
+    assert main(["export", str(uninterrupted), str(tmp_path / "x.safetensors"), "--step", "5"]) == 2
+
+
 def run_cli(workdir, *overrides, wait=True):
     command = [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
                f"--workdir={workdir}", *overrides]  # fmt: skip

@@ -21,6 +21,20 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: Any) -
     manager.save(step, args=args, force=True)
 
 
+def read_trained_params(directory: str | Path, step: int | None = None, ema: bool = True) -> dict:
+    """The ELLA params (EMA or raw) of a saved step (default: the newest), as numpy arrays; no
+    optimizer or model needed."""
+    manager = ocp.CheckpointManager(Path(directory).absolute())
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no checkpoints")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{directory}: no step {step} (saved: {sorted(steps)})")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+    return manager.restore(step, args=args).state["ema_params" if ema else "params"]
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any, iterator: Any
 ) -> Any | None:

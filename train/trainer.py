@@ -2,7 +2,6 @@
 loop, export; each a short section, in that order."""
 
 import contextlib
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -21,10 +20,9 @@ from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.diffusers import load_unet, load_vae
-from ella_jax.weights.ella import CONFIG_KEYS, load_ella
-from ella_jax.weights.naming import params_to_torch
+from ella_jax.weights.ella import CONFIG_KEYS, load_ella, write_official, write_official_config
 from ella_jax.weights.t5 import load_t5_encoder
-from ella_jax.weights.tensors import atomic_path, read_config, read_json, write_safetensors
+from ella_jax.weights.tensors import read_config, read_json
 from train import checkpoint, data
 from train.metrics import MetricsWriter
 from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
@@ -68,16 +66,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
 
 
-def export_ella(directory: Path, ella: ELLA, params: dict, dtype: str) -> None:
-    """WORKDIR/ella.safetensors (the official layout) and ella_config.json (the official
-    constructor's arguments)."""
-    tensors = {k: v.astype(dtype) for k, v in params_to_torch(jax.device_get(params)).items()}
-    with atomic_path(directory / "ella.safetensors", overwrite=True) as staging:
-        write_safetensors(tensors, staging)
-    config = {key: getattr(ella, key) for key in CONFIG_KEYS}
-    (directory / "ella_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +106,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             params = ella.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
         return init_state(params, optimizer, config.seed)
 
+    if jax.process_index() == 0:  # lets `python -m convert export` read any checkpoint
+        write_official_config(
+            workdir / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS}
+        )
     abstract_state = jax.eval_shape(initial_state)
     state_shardings = param_shardings(abstract_state, mesh)
 
@@ -219,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         print(f"stopped by signal at step {int(state.step)}; checkpoint saved, rerun to resume")
         return
     if jax.process_index() == 0:
-        export_ella(workdir, ella, state.ema_params, config.export_dtype)
+        write_official(workdir / "ella.safetensors", state.ema_params, config.export_dtype, True)
         print(f"wrote {workdir / 'ella.safetensors'} and {workdir / 'ella_config.json'}")
 
 

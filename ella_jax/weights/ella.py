@@ -17,8 +17,14 @@ from flax import traverse_util
 from jax.typing import DTypeLike
 
 from ella_jax.models.ella import ELLA
-from ella_jax.weights.naming import check_tensors, params_from_torch
-from ella_jax.weights.tensors import CheckpointError, read_json, read_safetensors, write_safetensors
+from ella_jax.weights.naming import check_tensors, params_from_torch, params_to_torch
+from ella_jax.weights.tensors import (
+    CheckpointError,
+    atomic_path,
+    read_json,
+    read_safetensors,
+    write_safetensors,
+)
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
@@ -92,6 +98,23 @@ def read_official(path: str | os.PathLike, heads: int = DEFAULT_HEADS) -> tuple[
     tensors = read_safetensors(path)
     config = config_from_tensors(tensors, heads, source)
     return config, params_from_torch(tensors, abstract_params(ELLA(**config)), source)
+
+
+def write_official(
+    path: str | os.PathLike, params: Any, dtype: DTypeLike | None = None, overwrite: bool = False
+) -> None:
+    """Writes params as an official-layout ELLA .safetensors (whole or not at all), in `dtype`
+    (default: the params' own)."""
+    tensors = params_to_torch(jax.device_get(params))
+    if dtype is not None:
+        tensors = {name: t.astype(dtype) for name, t in tensors.items()}
+    with atomic_path(path, overwrite=overwrite) as staging:
+        write_safetensors(tensors, staging)
+
+
+def write_official_config(path: str | os.PathLike, config: dict[str, int]) -> None:
+    """The official constructor's arguments as JSON (`ella_config.json`)."""
+    Path(path).write_text(json.dumps({k: config[k] for k in CONFIG_KEYS}, indent=2) + "\n")
 
 
 def write_converted(directory: str | os.PathLike, config: dict[str, int], params: Any) -> None:
