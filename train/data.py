@@ -1,17 +1,19 @@
 """Image-caption training data with grain.
 
 Sources: a JSONL manifest ({"image": path relative to the manifest, "caption": ...}), a folder of
-images with same-named .txt captions, or ArrayRecord shards of msgpack records
-{"image": encoded bytes, "caption": str}. Each example is decoded, resized (shorter side) and
-centre-cropped to the resolution, its caption dropped with probability p (so guidance works),
-and tokenized for T5 at the fixed length. A corrupt or unreadable image becomes a zero image with
-`valid` False: the loss masks it out and the metrics count it, the run never stops for it.
+images with same-named .txt captions, ArrayRecord shards of msgpack records
+{"image": encoded bytes, "caption": str}, or the shards of `train.precompute` (VAE moments and T5
+features made once). Each example is decoded, resized (shorter side) and centre-cropped to the
+resolution, its caption dropped with probability p (so guidance works), and tokenized for T5 at
+the fixed length. A corrupt or unreadable image becomes a zero image with `valid` False: the loss
+masks it out and the metrics count it, the run never stops for it.
 
 Global batches do not depend on how many processes read them: the shuffled, repeated example
 sequence is cut into global batches, and process p reads rows [p * L, (p + 1) * L) of each
 (L = global batch / process count).
 """
 
+import glob
 import io
 import json
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EMPTY_CAPTION_FILE = "empty_caption.npz"  # in a precomputed folder: T5 features of ""
 
 
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
@@ -72,16 +75,22 @@ def write_array_record(records: list[dict[str, Any]], path: str | Path) -> None:
     writer.close()
 
 
-def open_source(kind: str, path: str | list[str]) -> Any:
-    """A random-access source of records: kind "manifest", "folder" or "array_record"."""
+def open_source(kind: str, path: str) -> Any:
+    """A random-access source of records: kind "manifest", "folder", "array_record" (a glob of
+    shards) or "precomputed" (a `train.precompute` folder)."""
     if kind == "manifest":
         return read_manifest(path)
     if kind == "folder":
         return read_folder(path)
-    if kind == "array_record":
-        paths = [path] if isinstance(path, str) else list(path)
-        return grain.sources.ArrayRecordDataSource([str(Path(p)) for p in paths])
-    raise ValueError(f"data.source={kind!r}: use 'manifest', 'folder' or 'array_record'")
+    if kind in ("array_record", "precomputed"):
+        pattern = str(Path(path) / "*.array_record") if kind == "precomputed" else path
+        shards = sorted(glob.glob(pattern))
+        if not shards:
+            raise ValueError(f"data.path={path!r}: no ArrayRecord shards ({pattern})")
+        return grain.sources.ArrayRecordDataSource(shards)
+    raise ValueError(
+        f"data.source={kind!r}: use 'manifest', 'folder', 'array_record' or 'precomputed'"
+    )
 
 
 def decode(record: Any, resolution: int) -> dict[str, Any]:
@@ -112,18 +121,71 @@ def decode(record: Any, resolution: int) -> dict[str, Any]:
         }
 
 
+def online_examples(
+    tokenize: Callable[[str], tuple[np.ndarray, np.ndarray]], resolution: int
+) -> Callable[[Any, bool], dict]:
+    """prepare(record, drop_caption) for image-caption records: {"image" (R, R, 3), "valid",
+    "input_ids" (T,), "token_mask" (T,)}; the frozen T5 and VAE run in the train step."""
+
+    def prepare(record: Any, drop_caption: bool) -> dict:
+        decoded = decode(record, resolution)
+        caption = decoded.pop("caption")
+        ids, mask = tokenize("" if drop_caption else caption)
+        return {**decoded, "input_ids": ids, "token_mask": mask}
+
+    return prepare
+
+
+def precomputed_examples(empty: dict[str, np.ndarray]) -> Callable[[Any, bool], dict]:
+    """prepare(record, drop_caption) for `train.precompute` records: {"latent_mean",
+    "latent_logvar" (h, w, c), "valid", "t5_features" (T, D), "token_mask" (T,)}; a dropped
+    caption takes the empty caption's features `empty` ("t5_features", "token_mask")."""
+
+    def prepare(record: Any, drop_caption: bool) -> dict:
+        fields = unpack_arrays(msgpack.unpackb(record))
+        text = empty if drop_caption else fields
+        return {
+            "latent_mean": fields["latent_mean"],
+            "latent_logvar": fields["latent_logvar"],
+            "valid": np.bool_(True),
+            "t5_features": text["t5_features"],
+            "token_mask": text["token_mask"],
+        }
+
+    return prepare
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """numpy arrays -> msgpack-able {"dtype", "shape", "data"} (other values kept as they are)."""
+    return {
+        k: {"dtype": v.dtype.str, "shape": list(v.shape), "data": v.tobytes()}
+        if isinstance(v, np.ndarray)
+        else v
+        for k, v in arrays.items()
+    }
+
+
+def unpack_arrays(packed: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `pack_arrays`."""
+    return {
+        k: np.frombuffer(v["data"], np.dtype(v["dtype"])).reshape(v["shape"])
+        if isinstance(v, dict)
+        else v
+        for k, v in packed.items()
+    }
+
+
 def make_dataset(
     source: Any,
-    tokenize: Callable[[str], tuple[np.ndarray, np.ndarray]],
-    resolution: int,
+    prepare: Callable[[Any, bool], dict],
     global_batch: int,
     caption_dropout: float,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """Per-process batches {"image" (L, R, R, 3), "valid" (L,), "input_ids" (L, T),
-    "token_mask" (L, T)} of the global batches, L = global_batch / process_count."""
+    """Per-process batches (dicts of (L, ...) arrays, from `prepare(record, drop_caption)`) of the
+    global batches, L = global_batch / process_count."""
     if global_batch % process_count:
         raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
     local = global_batch // process_count
@@ -131,12 +193,9 @@ def make_dataset(
 
     def example(k: int) -> dict:
         index = (k // local) * global_batch + process_index * local + k % local
-        decoded = decode(examples[index], resolution)
         # Seeded by the global index, so the result does not depend on the process count.
-        if np.random.default_rng([seed, index]).random() < caption_dropout:
-            decoded["caption"] = ""
-        ids, mask = tokenize(decoded.pop("caption"))
-        return {**decoded, "input_ids": ids, "token_mask": mask}
+        drop_caption = np.random.default_rng([seed, index]).random() < caption_dropout
+        return prepare(examples[index], drop_caption)
 
     rows = grain.MapDataset.range(0, (len(examples) // global_batch) * local)
     return rows.map(example).batch(local, drop_remainder=True)

@@ -64,16 +64,24 @@ def make_train_step(
     config: StepConfig,
 ) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
     """train_step(state, frozen {"t5", "vae", "unet"}, batch) -> (state, metrics). batch:
-    "image" (B, R, R, 3) in [-1, 1], "valid" (B,), "input_ids" and "token_mask" (B, T)."""
+    "valid" (B,), "token_mask" (B, T), and either "image" (B, R, R, 3) in [-1, 1] and
+    "input_ids" (B, T) (the frozen VAE and T5 run here) or their precomputed outputs
+    "latent_mean", "latent_logvar" (B, h, w, c) and "t5_features" (B, T, D)."""
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         rng, latent_rng, noise_rng, time_rng = jax.random.split(
             jax.random.wrap_key_data(state.rng), 4
         )
-        features = models.t5.apply(
-            {"params": frozen["t5"]}, batch["input_ids"], batch["token_mask"]
-        )
-        mean, logvar = models.vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+        if "t5_features" in batch:
+            features = batch["t5_features"]
+        else:
+            t5_params = {"params": frozen["t5"]}
+            features = models.t5.apply(t5_params, batch["input_ids"], batch["token_mask"])
+        if "latent_mean" in batch:
+            mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+        else:
+            vae_params = {"params": frozen["vae"]}
+            mean, logvar = models.vae.apply(vae_params, batch["image"], method="encode")
         mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
         latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(latent_rng, mean.shape)
         latents = (latents - config.shift_factor) * config.scaling_factor

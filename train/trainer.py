@@ -116,14 +116,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     # -------------------------------------------------------------------------------- Data
     tokenizer = load_tokenizer(config.t5)
 
-    def tokenize_one(caption: str) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = tokenize(tokenizer, [caption], config.token_length)
-        return ids[0], mask[0]
-
+    if config.data.source == "precomputed":
+        empty = dict(np.load(Path(config.data.path) / data.EMPTY_CAPTION_FILE))
+        prepare = data.precomputed_examples(empty)
+    else:
+        prepare = data.online_examples(
+            lambda caption: tuple(
+                a[0] for a in tokenize(tokenizer, [caption], config.token_length)
+            ),
+            config.data.resolution,
+        )
     dataset = data.make_dataset(
         data.open_source(config.data.source, config.data.path),
-        tokenize_one,
-        config.data.resolution,
+        prepare,
         config.batch_size,
         config.data.caption_dropout,
         config.seed,

@@ -1,0 +1,111 @@
+"""python -m train.precompute --config configs/X.py --out DIR [--config.key=value ...]
+
+Runs the frozen VAE encoder and T5 once over a config's data and writes what the train step would
+compute from them: ArrayRecord shards of {"latent_mean", "latent_logvar", "t5_features",
+"token_mask", "caption"} per image, and the empty caption's features (for caption dropout). Train
+from them with `--config.data.source=precomputed --config.data.path=DIR`: the step then runs only
+ELLA and the UNet, with the same numbers as the online path. Unreadable images are left out and
+counted. DIR is written whole or not at all.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import msgpack
+import numpy as np
+from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordWriter
+from ml_collections import ConfigDict, config_flags
+from tqdm import tqdm
+
+from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.weights.diffusers import load_vae
+from ella_jax.weights.t5 import load_t5_encoder
+from ella_jax.weights.tensors import atomic_path
+from train import data
+from train.cli import parse_flags, run_command
+
+
+def precompute(
+    config: ConfigDict, out: str | Path, overwrite: bool = False, shard_size: int = 4096
+) -> dict:
+    """Writes the precomputed folder `out`; returns its summary (also in `out/precompute.json`)."""
+    t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
+    vae, vae_params = load_vae(Path(config.sd) / "vae", config.dtype)
+    tokenizer = load_tokenizer(config.t5)
+    records = data.open_source(config.data.source, config.data.path)
+    encode_text = jax.jit(lambda ids, mask: t5.apply({"params": t5_params}, ids, mask))
+    encode_image = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))
+    batch = config.batch_size
+    written = skipped = 0
+
+    with atomic_path(out, overwrite=overwrite) as staging:
+        staging.mkdir()
+        ids, mask = tokenize(tokenizer, [""], config.token_length)
+        np.savez(
+            staging / data.EMPTY_CAPTION_FILE,
+            t5_features=np.asarray(encode_text(ids, mask))[0],
+            token_mask=mask[0],
+        )
+        writer = None
+        for start in tqdm(range(0, len(records), batch), desc="precompute", unit="batch"):
+            indices = range(start, min(start + batch, len(records)))
+            decoded = [data.decode(records[i], config.data.resolution) for i in indices]
+            skipped += sum(not d["valid"] for d in decoded)
+            decoded = [d for d in decoded if d["valid"]]
+            if not decoded:
+                continue
+            count = len(decoded)
+            # Pad to the batch size so one compilation serves every batch.
+            padded = decoded + [decoded[-1]] * (batch - count)
+            ids, mask = tokenize(tokenizer, [d["caption"] for d in padded], config.token_length)
+            features = np.asarray(encode_text(ids, mask))
+            mean, logvar = (
+                np.asarray(a) for a in encode_image(np.stack([d["image"] for d in padded]))
+            )
+            for i in range(count):
+                if written % shard_size == 0:
+                    if writer is not None:
+                        writer.close()
+                    shard = staging / f"shard-{written // shard_size:05d}.array_record"
+                    writer = ArrayRecordWriter(str(shard), "group_size:1")
+                fields = dict(
+                    latent_mean=mean[i],
+                    latent_logvar=logvar[i],
+                    t5_features=features[i],
+                    token_mask=mask[i],
+                    caption=padded[i]["caption"],
+                )
+                writer.write(msgpack.packb(data.pack_arrays(fields)))
+                written += 1
+        if writer is not None:
+            writer.close()
+        summary = dict(
+            examples=written,
+            skipped_images=skipped,
+            source=f"{config.data.source}:{config.data.path}",
+            resolution=config.data.resolution,
+            t5=str(config.t5),
+            sd=str(config.sd),
+            t5_dtype=str(config.t5_dtype),
+        )
+        (staging / "precompute.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Training config file.", lock_config=True
+    )
+    _OUT = flags.DEFINE_string("out", None, "Folder to create with the precomputed shards.")
+    _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+    flags.mark_flags_as_required(["config", "out"])
+
+    def main(argv: list[str]) -> int:
+        def command(config: ConfigDict) -> None:
+            print(precompute(config, _OUT.value, _OVERWRITE.value))
+
+        return run_command(argv, _CONFIG, command)
+
+    app.run(main, flags_parser=parse_flags)
