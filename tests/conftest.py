@@ -62,3 +62,36 @@ def randomized(module, seed: int = 0, std: float = 0.05):
         for parameter in module.parameters():
             parameter.add_(std * torch.randn(parameter.shape, generator=generator))
     return module.eval()
+
+
+# A short run of configs/tiny.py, shared by the training and multi-process tests.
+SHORT = dict(total_steps=12, checkpoint_every=4, log_every=2, sample_every=12)
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py with overrides (its paths are relative to the repository root)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(overrides)
+    return config
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The SHORT tiny run, one process with the 8 fake devices, uninterrupted."""
+    from train.trainer import train
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    os.chdir(ROOT)
+    train(tiny_config(**SHORT), workdir)
+    return workdir

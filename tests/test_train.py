@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 import safetensors.numpy
-from conftest import ROOT, relative_error
+from conftest import ROOT, SHORT, read_metrics, relative_error, tiny_config
 
 from ella_jax import load_ella
 from ella_jax.models.ella import ELLA
@@ -27,29 +27,6 @@ from ella_jax.weights.tensors import read_config
 from train import data
 from train.step import Models, StepConfig, init_state, make_train_step
 from train.trainer import ConfigError, check_config, train
-
-sys.path.insert(0, str(ROOT / "configs"))
-import tiny
-
-SHORT = dict(total_steps=12, checkpoint_every=4, log_every=2, sample_every=12)
-
-
-def tiny_config(**overrides):
-    config = tiny.get_config()
-    config.update(overrides)
-    return config
-
-
-def read_metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    os.chdir(ROOT)  # the tiny config's paths are relative to the repository
-    train(tiny_config(**SHORT), workdir)
-    return workdir
 
 
 def test_tiny_config_runs_to_the_end(uninterrupted):

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the training entry points (absl flags, ml_collections)."""
 
+import contextlib
 import re
 import sys
 from collections.abc import Callable
@@ -46,3 +47,21 @@ def run_command(
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Joins the processes of a multi-process run. With no arguments, JAX reads the cluster
+    environment where it recognises one (TPU pods, SLURM, Open MPI); otherwise this is a
+    single-process run."""
+    import jax
+
+    # CPU collectives between processes (tests, development); GPUs and TPUs have their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = (coordinator_address, num_processes, process_id)
+    if any(value is not None for value in given):
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return
+    with contextlib.suppress(ValueError):  # raised where there is no cluster: one process
+        jax.distributed.initialize()

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ella_jax.images import grid, save_png
@@ -82,7 +83,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     unet, unet_params = load_unet(sd / "unet", config.dtype)
     frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
     frozen_shardings = param_shardings(frozen, mesh)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    frozen = jax.device_put(
+        jax.device_get(frozen), frozen_shardings
+    )  # host values: any process count
     scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
 
     # ------------------------------------------------ ELLA and optimizer: sharded initial state
@@ -148,7 +151,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     if state is None:
         state = jax.jit(initial_state, out_shardings=state_shardings)()
     start = int(state.step)
-    writer = MetricsWriter(workdir, resume_step=start)
+    primary = jax.process_index() == 0
+    writer = MetricsWriter(workdir, resume_step=start) if primary else None
 
     # ----------------------------------------------------------------------------- Compile
     step_config = StepConfig(
@@ -173,14 +177,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         .lower(abstract_with_layout, frozen, jax.tree.map(_global_shape(config.batch_size), first))
         .compile()
     )
-    sampler = _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, scheduler)
+    sampler = _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
     with _stop_on_signals() as stop:
-        batch, skipped, pending = first, 0.0, None
+        batch, skipped, pending, stopping = first, 0.0, None, False
         clock, clock_step = time.perf_counter(), start
         bar = tqdm(
-            total=config.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True
+            total=config.total_steps,
+            initial=start,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not primary,
         )
         for step in range(start + 1, config.total_steps + 1):
             global_batch = jax.tree.map(
@@ -194,14 +203,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 now = time.perf_counter()
                 pending = (step, metrics, now - clock, step - clock_step)
                 clock, clock_step = now, step
-            if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+            stopping = _any_process(stop.requested)
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
                 checkpoint.save(manager, step, state, iterator)
             if step % config.sample_every == 0:
                 images = sampler(state.ema_params)
-                if jax.process_index() == 0:
+                if primary:
                     save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
             bar.update(1)
-            if stop.requested:
+            if stopping:
                 break
             if step < config.total_steps:
                 batch = next(iterator)
@@ -209,14 +219,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
     manager.wait_until_finished()
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
 
     # ------------------------------------------------------------------------------ Export
-    if stop.requested:
+    if stopping:
         print(f"stopped by signal at step {int(state.step)}; checkpoint saved, rerun to resume")
         return
-    if jax.process_index() == 0:
-        write_official(workdir / "ella.safetensors", state.ema_params, config.export_dtype, True)
+    ema_params = _to_host(state.ema_params)
+    if primary:
+        write_official(workdir / "ella.safetensors", ema_params, config.export_dtype, True)
         print(f"wrote {workdir / 'ella.safetensors'} and {workdir / 'ella_config.json'}")
 
 
@@ -235,7 +247,8 @@ def _log(writer, bar, step, metrics, seconds, steps, learning_rate, batch_size, 
     }
     if not np.isfinite(record["loss"]):
         raise FloatingPointError(f"loss is {record['loss']} at step {step}")
-    writer.write(step, record)
+    if writer is not None:
+        writer.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
     return skipped
 
@@ -260,24 +273,23 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(s, handler)
 
 
-def _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, scheduler):
-    """ELLA params -> sample images (N, H, W, 3) in [0, 1] for config.sample_prompts."""
+def _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler):
+    """ELLA params -> host images (N, H, W, 3) in [0, 1] for config.sample_prompts (every
+    process must call it: the computation spans the mesh)."""
     prompts = list(config.sample_prompts)
-    ids, mask = tokenize(tokenizer, [""] * len(prompts) + prompts, config.token_length)
-    features = jax.jit(lambda p: t5.apply({"params": p}, ids, mask))(frozen["t5"])
-    ella_mask = mask if config.mask_padding else np.ones_like(mask)
     n = len(prompts)
-    uncond = TextConditioning(features[:n], ella_mask[:n])
-    cond = TextConditioning(features[n:], ella_mask[n:])
+    ids, mask = tokenize(tokenizer, [""] * n + prompts, config.token_length)
+    ella_mask = mask if config.mask_padding else np.ones_like(mask)
     schedule = make_schedule(scheduler, config.sample_steps)
     latent = config.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    noise = jax.random.normal(
-        jax.random.key(config.seed), (n, latent, latent, vae.config.latent_channels)
-    )
-    start = initial_latents(schedule, noise)
+    shape = (n, latent, latent, vae.config.latent_channels)
+    start = initial_latents(schedule, jax.random.normal(jax.random.key(config.seed), shape))
 
     @jax.jit
-    def sample(ella_params):
+    def sample(frozen, ella_params):
+        features = t5.apply({"params": frozen["t5"]}, ids, mask)
+        uncond = TextConditioning(features[:n], ella_mask[:n])
+        cond = TextConditioning(features[n:], ella_mask[n:])
         params = {"unet": frozen["unet"], "ella": ella_params}
         latents = sample_latents(
             unet,
@@ -294,4 +306,18 @@ def _make_sampler(config, mesh, t5, frozen, tokenizer, unet, vae, ella, schedule
         images = vae.apply({"params": frozen["vae"]}, scaled, method="decode")
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1)
 
-    return lambda ella_params: np.asarray(sample(ella_params))
+    return lambda ella_params: _to_host(sample(frozen, ella_params))
+
+
+def _to_host(tree):
+    """Global arrays as numpy on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process when it is True on any (they must stop at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
