@@ -1,0 +1,1 @@
+"""A toy world of coloured shapes with captions, and a pixel-analysis scorer for it."""
