@@ -82,8 +82,9 @@ def test_sigterm_to_both_then_rerun_gives_the_same_weights(two_processes, tmp_pa
 
 def test_a_killed_process_stops_the_launcher(tmp_path):
     process = launch(tmp_path, "--config.total_steps=100000", "--config.sample_every=100000")
-    wait_for_step(process, tmp_path, 2)
-    os.kill(process_pid(tmp_path, process), signal.SIGKILL)
+    pid = process_pid(tmp_path, process)
+    time.sleep(5)  # both processes are up and joined
+    os.kill(pid, signal.SIGKILL)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1
     assert "process 1 was killed by SIGKILL; stopped the others" in err
