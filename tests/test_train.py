@@ -146,7 +146,7 @@ def tiny_setup():
     tokenizer = load_tokenizer(ROOT / config.t5)
     tokenize_one = lambda c: tuple(a[0] for a in tokenize(tokenizer, [c], 128))  # noqa: E731
     source = data.read_manifest(ROOT / config.data.path)
-    batch = data.make_dataset(source, tokenize_one, 16, 8, 0.0, seed=0)[0]
+    batch = data.make_dataset(source, data.online_examples(tokenize_one, 16), 8, 0.0, seed=0)[0]
     step_config = StepConfig("epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, False)
     models = Models(t5, vae, unet, ella)
     acp = jnp.asarray(alphas_cumprod(scheduler))
