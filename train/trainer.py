@@ -74,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
 
     # ---------------------------------------------------------------------------------- Mesh
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    batch_layout = lambda ndim: batch_sharding(mesh, ndim)  # noqa: E731
+    primary = jax.process_index() == 0  # writes logs, samples and the export
 
     # ------------------------------------------------------------------------ Frozen models
     sd = Path(config.sd)
@@ -83,9 +83,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     unet, unet_params = load_unet(sd / "unet", config.dtype)
     frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
     frozen_shardings = param_shardings(frozen, mesh)
-    frozen = jax.device_put(
-        jax.device_get(frozen), frozen_shardings
-    )  # host values: any process count
+    # Placed from host values, which works for any number of processes.
+    frozen = jax.device_put(jax.device_get(frozen), frozen_shardings)
     scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
 
     # ------------------------------------------------ ELLA and optimizer: sharded initial state
@@ -109,7 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             params = ella.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
         return init_state(params, optimizer, config.seed)
 
-    if jax.process_index() == 0:  # lets `python -m convert export` read any checkpoint
+    if primary:  # lets `python -m convert export` read any checkpoint
         write_official_config(
             workdir / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS}
         )
@@ -119,16 +118,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     # -------------------------------------------------------------------------------- Data
     tokenizer = load_tokenizer(config.t5)
 
+    def tokenize_one(caption: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = tokenize(tokenizer, [caption], config.token_length)
+        return ids[0], mask[0]
+
     if config.data.source == "precomputed":
         empty = dict(np.load(Path(config.data.path) / data.EMPTY_CAPTION_FILE))
         prepare = data.precomputed_examples(empty)
     else:
-        prepare = data.online_examples(
-            lambda caption: tuple(
-                a[0] for a in tokenize(tokenizer, [caption], config.token_length)
-            ),
-            config.data.resolution,
-        )
+        prepare = data.online_examples(tokenize_one, config.data.resolution)
     dataset = data.make_dataset(
         data.open_source(config.data.source, config.data.path),
         prepare,
@@ -151,7 +149,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     if state is None:
         state = jax.jit(initial_state, out_shardings=state_shardings)()
     start = int(state.step)
-    primary = jax.process_index() == 0
     writer = MetricsWriter(workdir, resume_step=start) if primary else None
 
     # ----------------------------------------------------------------------------- Compile
@@ -166,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     acp = jnp.asarray(alphas_cumprod(scheduler))
     train_step = make_train_step(Models(t5, vae, unet, ella), optimizer, acp, step_config)
     first = next(iterator)
-    batch_shardings = jax.tree.map(lambda a: batch_layout(np.ndim(a)), first)
+    batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), first)
     compiled = (
         jax.jit(
             train_step,
