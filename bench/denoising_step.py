@@ -2,7 +2,7 @@
 diffusers + PyTorch eager on the same machine.
 
     .venv/bin/python -m bench.denoising_step [--size 256] [--repeats 10] [--dtype float32]
-        [--conv xla|im2col] [--attention xla|blocked] [--profile]
+        [--profile]
 
 One step, as `ella_jax.sampling` runs it with classifier-free guidance:
 
@@ -34,13 +34,6 @@ PyTorch with `torch.profiler` (operators' self CPU time), and prints both in the
 (3x3 / 1x1 convolutions, dense matmuls, attention core, norms, data movement, elementwise), the
 convolutions by shape, and the top HLO instruction names (numeric suffix stripped).
 
-Alternatives, tried inside this benchmark only (the project's modules are patched while the
-model is traced, not edited):
-  --conv im2col         the UNet's 3x3 convolutions (`ella_jax.models.resnet.conv`) as the 9
-                        shifted views concatenated on channels, times the reshaped kernel
-  --attention blocked   `ella_jax.models.attention.dot_product_attention` as heads-first
-                        matmuls with the softmax normalised after P @ V, over blocks of 128
-                        queries (`lax.map`) when there are 512 or more
 XLA flags come from the XLA_FLAGS environment variable and are printed, e.g.
 
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \\
@@ -58,6 +51,7 @@ import argparse
 import collections
 import contextlib
 import ctypes
+import functools
 import gc
 import gzip
 import json
@@ -79,9 +73,6 @@ import numpy as np
 import torch
 
 import ella_jax.models.attention as attention_module
-import ella_jax.models.ella as ella_module
-import ella_jax.models.resnet as resnet_module
-import ella_jax.models.unet as unet_module
 from bench.real_size_backbones import SD15_UNET, perturb_, relative_error
 from bench.torch_ella import TorchELLA
 from ella_jax import ELLA
@@ -96,116 +87,18 @@ TOKENS = 128
 
 
 # ----------------------------------------------------------------------------------------------
-# An alternative convolution, swapped in by --conv im2col (this benchmark only).
-
-
-class Im2colConv(nn.Module):
-    """`nn.Conv` with PyTorch's symmetric padding as patches + one matmul: the kh * kw shifted
-    (strided) views of the padded input are concatenated on the channel axis and multiplied by
-    the (kh * kw * C_in, C_out) kernel. Same parameters ('kernel' HWIO, 'bias') as `nn.Conv`."""
-
-    features: int
-    kernel_size: tuple[int, int]
-    strides: int = 1
-    padding: int = 0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kh, kw = self.kernel_size
-        kernel = self.param(
-            "kernel",
-            nn.initializers.lecun_normal(),
-            (kh, kw, x.shape[-1], self.features),
-            self.param_dtype,
-        )
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        p, s = self.padding, self.strides
-        if p:
-            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        height = (x.shape[1] - kh) // s + 1
-        width = (x.shape[2] - kw) // s + 1
-        taps = [
-            x[:, i : i + s * (height - 1) + 1 : s, j : j + s * (width - 1) + 1 : s]
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-        return patches @ kernel.reshape(-1, self.features) + bias
-
-
-def im2col_conv(
-    features: int, kernel: int, name: str, stride: int = 1, padding: int | None = None, **kw: Any
-) -> nn.Module:
-    """Drop-in for `ella_jax.models.resnet.conv`."""
-    pad = kernel // 2 if padding is None else padding
-    return Im2colConv(features, (kernel, kernel), stride, pad, name=name, **kw)
-
-
-def blocked_attention(
-    query: jnp.ndarray,
-    key: jnp.ndarray,
-    value: jnp.ndarray,
-    key_mask: jnp.ndarray | None = None,
-    bias: jnp.ndarray | None = None,
-    scale: float | None = None,
-    block: int = 128,
-) -> jnp.ndarray:
-    """Drop-in for `ella_jax.models.attention.dot_product_attention` (same arguments and
-    layout, (B, T, N, H)): heads-first matmuls, the softmax normalised after the values
-    product, and for long queries (T >= 4 * block) a `lax.map` over blocks of `block` queries, so
-    that each block's scores (B, N, block, S) stay in cache instead of XLA materialising all
-    (B, N, T, S) of them. Falls back to the project's function when given a bias."""
-    if bias is not None:
-        return _ORIGINAL_ATTENTION(query, key, value, key_mask, bias, scale)
-    dtype = query.dtype
-    batch, length, heads, dim = query.shape
-    scale = dim**-0.5 if scale is None else scale
-    q = jnp.swapaxes(query * jnp.asarray(scale, dtype), 1, 2)  # (B, N, T, H)
-    k_t = jnp.transpose(key, (0, 2, 3, 1))  # (B, N, H, S)
-    v = jnp.swapaxes(value, 1, 2)  # (B, N, S, H)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-
-    def attend(q_block: jnp.ndarray) -> jnp.ndarray:
-        scores = jnp.matmul(q_block, k_t, preferred_element_type=jnp.float32)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jnp.exp(scores - scores.max(-1, keepdims=True))
-        out = jnp.matmul(weights.astype(dtype), v, preferred_element_type=jnp.float32)
-        return (out / weights.sum(-1, keepdims=True)).astype(dtype)
-
-    with jax.named_scope("attention_core"):  # for the profile's categories
-        if length >= 4 * block and length % block == 0:
-            blocks = jnp.moveaxis(q.reshape(batch, heads, length // block, block, dim), 2, 0)
-            out = jax.lax.map(attend, blocks)
-            out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, length, dim)
-        else:
-            out = attend(q)
-    return jnp.swapaxes(out, 1, 2)
-
-
-_ORIGINAL_ATTENTION = attention_module.dot_product_attention
+# XLA counts a loop's body once, so the FLOPs are counted with the CPU attention unblocked.
 
 
 @contextlib.contextmanager
-def variant(conv: str, attention: str) -> Iterator[None]:
-    """Within the block, the UNet's ResNets and resamplers build their convolutions with `conv`
-    ('xla': the project's `nn.Conv`, 'im2col': `Im2colConv`) and the UNet's and ELLA's
-    attention runs `attention` ('xla': the project's `dot_product_attention`, 'blocked':
-    `blocked_attention`). Flax resolves these when the model is traced, so wrap the tracing
-    (init, eval_shape, lower)."""
-    original_conv = resnet_module.conv
-    resnet_module.conv = unet_module.conv = {"xla": original_conv, "im2col": im2col_conv}[conv]
-    replacement = {"xla": _ORIGINAL_ATTENTION, "blocked": blocked_attention}[attention]
-    attention_module.dot_product_attention = ella_module.dot_product_attention = replacement
+def unblocked_attention() -> Iterator[None]:
+    """Within the block, `blocked_attention` runs as one block (traced models only)."""
+    original = attention_module.blocked_attention
+    attention_module.blocked_attention = functools.partial(original, block=1 << 30)
     try:
         yield
     finally:
-        resnet_module.conv = unet_module.conv = original_conv
-        attention_module.dot_product_attention = _ORIGINAL_ATTENTION
-        ella_module.dot_product_attention = _ORIGINAL_ATTENTION
+        attention_module.blocked_attention = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,11 +405,11 @@ def jax_category(instruction: Instruction) -> str:
     if "convolution" in opcodes:
         return CATEGORIES[1] if instruction.convolution.endswith(" 1x1") else CATEGORIES[0]
     conv_scope = _CONV_SCOPE.search(op_name)
-    if "dot" in opcodes and conv_scope:  # a 1x1 convolution as a dot, or --conv im2col
+    if "dot" in opcodes and conv_scope:  # a 1x1 convolution as a dot, or a PatchConv
         one_by_one = conv_scope.group(1) in ("conv_shortcut", "proj_in", "proj_out")
         return CATEGORIES[1] if one_by_one else CATEGORIES[0]
-    if "vmap(" in op_name or "attention_core" in op_name:  # jax.nn.dot_product_attention's
-        return CATEGORIES[3]  # scores, softmax and values (vmapped), or blocked_attention's
+    if "vmap(" in op_name or "blocked_attention" in op_name:  # jax.nn's or the CPU one's
+        return CATEGORIES[3]  # scores, softmax and values
     if "dot" in opcodes:
         return CATEGORIES[2]
     if _NORM_SCOPE.search(op_name):
@@ -582,7 +475,7 @@ def profile_jax(compiled: Any, args: tuple, calls: int) -> Profile | None:
         profile.categories[category] += seconds
         profile.names[re.sub(r"\.\d+$", "", event["name"])] += seconds
         if category in CATEGORIES[:2]:
-            key = instruction.convolution or "(as matmuls: 1x1, or --conv im2col)"
+            key = instruction.convolution or "(as matmuls: 1x1, or PatchConv)"
             profile.convolutions[key] += seconds
     return profile
 
@@ -649,8 +542,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512 if gpu else 256, help="image pixels")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--conv", default="xla", choices=["xla", "im2col"])
-    parser.add_argument("--attention", default="xla", choices=["xla", "blocked"])
     parser.add_argument("--profile", action="store_true", help="profile the JAX step")
     parser.add_argument("--profile-calls", type=int, default=3)
     args = parser.parse_args()
@@ -665,7 +556,6 @@ def main() -> None:
         f"denoising step, SD 1.5 UNet + ELLA, {args.size}x{args.size} (latents {side}x{side}), "
         f"CFG batch 2, {TOKENS} T5 tokens, t={TIMESTEP:g}; jax {jax.__version__} "
         f"({jax.default_backend()}), torch {torch.__version__} ({device}, {threads} threads); "
-        f"conv={args.conv}, attention={args.attention}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
         flush=True,
     )
@@ -681,22 +571,21 @@ def main() -> None:
     unet = UNet2DConditionModel(UNetConfig.from_dict(SD15_UNET))
     ella = ELLA()
     f32 = jnp.float32
-    with variant(args.conv, args.attention):
-        params = {
-            "unet": jax_params(
-                unet,
-                torch_unet,
-                jax.ShapeDtypeStruct((1, 8, 8, 4), f32),
-                jax.ShapeDtypeStruct((1,), f32),
-                jax.ShapeDtypeStruct((1, 1, 768), f32),
-            ),
-            "ella": jax_params(
-                ella,
-                torch_ella,
-                jax.ShapeDtypeStruct((1, 1, 2048), f32),
-                jax.ShapeDtypeStruct((1,), f32),
-            ),
-        }
+    params = {
+        "unet": jax_params(
+            unet,
+            torch_unet,
+            jax.ShapeDtypeStruct((1, 8, 8, 4), f32),
+            jax.ShapeDtypeStruct((1,), f32),
+            jax.ShapeDtypeStruct((1, 1, 768), f32),
+        ),
+        "ella": jax_params(
+            ella,
+            torch_ella,
+            jax.ShapeDtypeStruct((1, 1, 2048), f32),
+            jax.ShapeDtypeStruct((1,), f32),
+        ),
+    }
     shared = 0
     if device.type == "cpu":
         shared = share_weights(torch_unet, params["unet"]) + share_weights(
@@ -728,21 +617,13 @@ def main() -> None:
     # Compile.
     compiled: dict[str, Any] = {}
     flops: dict[str, float] = {}
-    default = (args.conv, args.attention) == ("xla", "xla")
     for name in ("step", "unet", "ella"):
-        with variant(args.conv, args.attention):
-            compiled[name], counted, seconds = compile_timed(
-                jax_functions(unet, ella)[name], params, *j_in[name]
-            )
-        flops[name] = counted
-        if not default:
-            # XLA counts a loop's body once (blocked attention): count the work with the
-            # project's formulation, the same computation.
-            with variant("xla", "xla"):
-                flops[name] = compile_timed(jax_functions(unet, ella)[name], params, *j_in[name])[1]
+        function = jax_functions(unet, ella)[name]
+        compiled[name], _, seconds = compile_timed(function, params, *j_in[name])
+        with unblocked_attention():
+            flops[name] = compile_timed(function, params, *j_in[name])[1]
         print(
-            f"compiled JAX {name} in {seconds:.0f} s: XLA counts {flops[name] / 1e9:.1f} GFLOP"
-            + ("" if default else f" ({counted / 1e9:.1f} in this variant's own count)"),
+            f"compiled JAX {name} in {seconds:.0f} s: XLA counts {flops[name] / 1e9:.1f} GFLOP",
             flush=True,
         )
     torch_fn = torch_functions(torch_unet, torch_ella)
@@ -832,25 +713,24 @@ def main() -> None:
         unet16 = UNet2DConditionModel(UNetConfig.from_dict(SD15_UNET), dtype=jnp.bfloat16)
         ella16 = ELLA(dtype=jnp.bfloat16)
         print("bfloat16 JAX (parameters and compute) against float32 PyTorch:", flush=True)
-        with variant(args.conv, args.attention):
-            functions16 = jax_functions(unet16, ella16)
-            for name in ("step", "unet"):
-                executable, _, seconds = compile_timed(functions16[name], params, *j_in[name])
-                out = executable(params, *j_in[name])
-                out = out[1] if name == "step" else out  # the guided noise of the step
-                error = relative_error(np.asarray(out, np.float32), references[name])
-                with OtherLoad() as load:
-                    j = interleaved_times({"jax": jax_run(name, executable, params)}, args.repeats)
-                t = times[name]["torch"]
-                ratio = statistics.median(t) / statistics.median(j["jax"])
-                print(
-                    f"  {labels[name]:21s} JAX bf16 {ms(j['jax'])} | torch fp32 "
-                    f"{1e3 * statistics.median(t):8.1f} ms | torch/JAX {ratio:5.2f}x | "
-                    f"{flops[name] / 1e9 / statistics.median(j['jax']):5.0f} GFLOP/s | "
-                    f"rel err vs torch fp32 {error:.2e} | other {cores(load)} "
-                    f"(compile {seconds:.0f} s)",
-                    flush=True,
-                )
+        functions16 = jax_functions(unet16, ella16)
+        for name in ("step", "unet"):
+            executable, _, seconds = compile_timed(functions16[name], params, *j_in[name])
+            out = executable(params, *j_in[name])
+            out = out[1] if name == "step" else out  # the guided noise of the step
+            error = relative_error(np.asarray(out, np.float32), references[name])
+            with OtherLoad() as load:
+                j = interleaved_times({"jax": jax_run(name, executable, params)}, args.repeats)
+            t = times[name]["torch"]
+            ratio = statistics.median(t) / statistics.median(j["jax"])
+            print(
+                f"  {labels[name]:21s} JAX bf16 {ms(j['jax'])} | torch fp32 "
+                f"{1e3 * statistics.median(t):8.1f} ms | torch/JAX {ratio:5.2f}x | "
+                f"{flops[name] / 1e9 / statistics.median(j['jax']):5.0f} GFLOP/s | "
+                f"rel err vs torch fp32 {error:.2e} | other {cores(load)} "
+                f"(compile {seconds:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

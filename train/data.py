@@ -25,6 +25,8 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from ella_jax.weights.tensors import atomic_path
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EMPTY_CAPTION_FILE = "empty_caption.npz"  # in a precomputed folder: T5 features of ""
 
@@ -64,15 +66,17 @@ def read_folder(path: str | Path) -> list[dict[str, str]]:
 
 
 def write_array_record(records: list[dict[str, Any]], path: str | Path) -> None:
-    """Writes records {"image": path or encoded bytes, "caption"} as one ArrayRecord shard."""
+    """Writes records {"image": path or encoded bytes, "caption"} as one ArrayRecord shard,
+    whole or not at all (an existing `path` is replaced)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    writer = ArrayRecordWriter(str(path), "group_size:1")
-    for record in records:
-        image = record["image"]
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        writer.write(msgpack.packb({"image": data, "caption": record["caption"]}))
-    writer.close()
+    with atomic_path(path, overwrite=True) as staging:
+        writer = ArrayRecordWriter(str(staging), "group_size:1")
+        for record in records:
+            image = record["image"]
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            writer.write(msgpack.packb({"image": data, "caption": record["caption"]}))
+        writer.close()
 
 
 def open_source(kind: str, path: str) -> Any:

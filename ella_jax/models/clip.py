@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ella_jax.models.attention import dot_product_attention
+from ella_jax.models.hf_config import known_fields
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
@@ -44,8 +45,7 @@ class CLIPTextConfig:
         ValueError naming the field."""
         if raw.get("model_type", "clip_text_model") != "clip_text_model":
             raise ValueError(f"model_type={raw['model_type']!r} is not supported (clip_text_model)")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in fields})
+        config = cls(**known_fields(cls, raw))
         if config.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"hidden_act={config.hidden_act!r} is not supported "

@@ -1,13 +1,59 @@
 """diffusers' ResNet block and resamplers (NHWC), shared by the UNet and the VAE."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 
-def conv(features: int, kernel: int, name: str, stride: int = 1, padding: int | None = None, **kw):
-    """A square convolution with PyTorch's symmetric padding (default: kernel // 2)."""
+class PatchConv(nn.Module):
+    """`nn.Conv` (same parameters: `kernel` HWIO, `bias`) with symmetric padding, computed as one
+    matmul: the kernel's shifted, strided views of the input side by side on the channel axis,
+    times the (kernel * kernel * C_in, features) kernel."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x (B, H, W, C_in) -> (B, H', W', features)."""
+        k, s, p = self.kernel, self.stride, self.padding
+        shape = (k, k, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        height, width = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+        views = [
+            x[:, i : i + s * (height - 1) + 1 : s, j : j + s * (width - 1) + 1 : s]
+            for i in range(k)
+            for j in range(k)
+        ]
+        return jnp.concatenate(views, axis=-1) @ kernel.reshape(-1, self.features) + bias
+
+
+def conv(
+    features: int,
+    kernel: int,
+    name: str,
+    stride: int = 1,
+    padding: int | None = None,
+    im2col: bool = False,
+    **kw,
+) -> nn.Module:
+    """A square convolution with PyTorch's symmetric padding (default: kernel // 2).
+
+    im2col: on the CPU, a `PatchConv`. XLA:CPU runs the UNet's 3x3 convolutions slower than the
+    matmul over their patches (BENCHMARKS.md); the patches take kernel**2 times the input's
+    memory, so the VAE, at image resolution, keeps `nn.Conv`.
+    """
     pad = kernel // 2 if padding is None else padding
+    if im2col and kernel > 1 and jax.default_backend() == "cpu":
+        return PatchConv(features, kernel, stride, pad, name=name, **kw)
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -26,6 +72,7 @@ class ResnetBlock2D(nn.Module):
     groups: int
     epsilon: float
     output_scale_factor: float = 1.0
+    im2col: bool = False  # see `conv`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -34,7 +81,7 @@ class ResnetBlock2D(nn.Module):
         """x (B, H, W, C_in), temb (B, T) or None -> (B, H, W, out_channels)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.epsilon, name=name, **kw)  # noqa: E731
-        h = conv(self.out_channels, 3, "conv1", **kw)(nn.silu(norm("norm1")(x)))
+        h = conv(self.out_channels, 3, "conv1", im2col=self.im2col, **kw)(nn.silu(norm("norm1")(x)))
         if temb is not None:
             h = (
                 h
@@ -42,7 +89,7 @@ class ResnetBlock2D(nn.Module):
                     :, None, None
                 ]
             )
-        h = conv(self.out_channels, 3, "conv2", **kw)(nn.silu(norm("norm2")(h)))
+        h = conv(self.out_channels, 3, "conv2", im2col=self.im2col, **kw)(nn.silu(norm("norm2")(h)))
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
         return (x + h) / self.output_scale_factor
@@ -53,6 +100,7 @@ class Downsample2D(nn.Module):
 
     channels: int
     padding: int = 1
+    im2col: bool = False  # see `conv`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -66,6 +114,7 @@ class Downsample2D(nn.Module):
             "conv",
             stride=2,
             padding=self.padding,
+            im2col=self.im2col,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )(x)
@@ -75,10 +124,12 @@ class Upsample2D(nn.Module):
     """Nearest-neighbour 2x upsampling, then a 3x3 convolution."""
 
     channels: int
+    im2col: bool = False  # see `conv`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(self.channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        kw = dict(im2col=self.im2col, dtype=self.dtype, param_dtype=self.param_dtype)
+        return conv(self.channels, 3, "conv", **kw)(x)

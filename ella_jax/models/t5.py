@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ella_jax.models.attention import dot_product_attention
+from ella_jax.models.hf_config import known_fields
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -60,8 +61,7 @@ class T5Config:
         naming the field."""
         if raw.get("model_type", "t5") != "t5":
             raise ValueError(f"model_type={raw['model_type']!r} is not supported (t5)")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in fields})
+        config = cls(**known_fields(cls, raw))
         if config.activation not in ACTIVATIONS:
             raise ValueError(
                 f"feed_forward_proj={config.feed_forward_proj!r} is not supported "

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ella_jax.models.embeddings import TimestepEmbedding, timestep_features
+from ella_jax.models.hf_config import known_fields
 from ella_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 from ella_jax.models.transformer_2d import Transformer2DModel
 
@@ -91,8 +92,7 @@ class UNetConfig:
         if isinstance(raw.get("cross_attention_dim"), (list, tuple)):
             raise ValueError("cross_attention_dim as a list is not supported")
         heads = raw.get("num_attention_heads") or raw.get("attention_head_dim", 8)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
+        config = known_fields(cls, raw)
         config.update(
             heads=_per_block(heads, blocks),
             transformer_layers_per_block=_per_block(
@@ -134,7 +134,12 @@ class UNetBlock(nn.Module):
             if skips:
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = ResnetBlock2D(
-                self.out_channels, c.norm_num_groups, c.norm_eps, name=f"resnets.{j}", **kw
+                self.out_channels,
+                c.norm_num_groups,
+                c.norm_eps,
+                im2col=True,
+                name=f"resnets.{j}",
+                **kw,
             )(x, temb)
             if self.cross:
                 x = Transformer2DModel(
@@ -150,12 +155,12 @@ class UNetBlock(nn.Module):
                 )(x, context)
             outputs.append(x)
         if self.resample == "down":
-            x = Downsample2D(self.out_channels, c.downsample_padding, name="downsamplers.0", **kw)(
-                x
-            )
+            x = Downsample2D(
+                self.out_channels, c.downsample_padding, True, name="downsamplers.0", **kw
+            )(x)
             outputs.append(x)
         elif self.resample == "up":
-            x = Upsample2D(self.out_channels, name="upsamplers.0", **kw)(x)
+            x = Upsample2D(self.out_channels, True, name="upsamplers.0", **kw)(x)
         return x, outputs
 
 
@@ -171,7 +176,7 @@ class UNetMidBlock(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels, heads = c.block_out_channels[-1], c.heads[-1]
         resnet = lambda name: ResnetBlock2D(  # noqa: E731
-            channels, c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor, name=name, **kw
+            channels, c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor, True, name=name, **kw
         )
         x = resnet("resnets.0")(x, temb)
         x = Transformer2DModel(
@@ -189,7 +194,9 @@ class UNetMidBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """Noisy latents, timestep and text context -> the noise (or v) prediction."""
+    """Noisy latents, timestep and text context -> the noise (or v) prediction.
+
+    On the CPU its convolutions run as matmuls over patches (`ella_jax.models.resnet.conv`)."""
 
     config: UNetConfig
     dtype: DTypeLike = jnp.float32
@@ -236,7 +243,7 @@ class UNet2DConditionModel(nn.Module):
             added = jnp.concatenate([added_text_embeds, time_ids], axis=-1).astype(self.dtype)
             temb = temb + TimestepEmbedding(time_embed_dim, name="add_embedding", **kw)(added)
 
-        x = conv(c.block_out_channels[0], c.conv_in_kernel, "conv_in", **kw)(sample)
+        x = conv(c.block_out_channels[0], c.conv_in_kernel, "conv_in", im2col=True, **kw)(sample)
         skips = [x]
         for i, block_type in enumerate(c.down_block_types):
             x, outputs = UNetBlock(
@@ -273,4 +280,4 @@ class UNet2DConditionModel(nn.Module):
         x = nn.silu(
             nn.GroupNorm(c.norm_num_groups, epsilon=c.norm_eps, name="conv_norm_out", **kw)(x)
         )
-        return conv(c.out_channels, c.conv_out_kernel, "conv_out", **kw)(x)
+        return conv(c.out_channels, c.conv_out_kernel, "conv_out", im2col=True, **kw)(x)

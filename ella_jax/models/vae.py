@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ella_jax.models.attention import Attention
+from ella_jax.models.hf_config import known_fields
 from ella_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv
 
 RESNET_EPS = 1e-6
@@ -44,9 +45,7 @@ class VAEConfig:
         for field in ("latents_mean", "latents_std"):
             if raw.get(field) is not None:
                 raise ValueError(f"{field} is not supported")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
-        return cls(**config)
+        return cls(**known_fields(cls, raw))
 
 
 class MidBlock(nn.Module):
