@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: trains ELLA with configs/tiny.py (tiny models and data
-# that ship in the repository) on the CPU, into out/tiny. Rerunning resumes; extra arguments go
-# to train.main (e.g. --config.total_steps=200).
+# The main job on the embedded default: trains ELLA on the toy world (configs/toy.py) on the CPU,
+# into out/toy, then scores what the frozen toy UNet draws for held-out captions (out/toy/eval).
+# The training scenes are generated once (out/toy-data). Rerunning resumes the training; extra
+# arguments go to train.main (e.g. --config.total_steps=200).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-python -m train.main --config configs/tiny.py --workdir out/tiny "$@"
+if [ ! -f out/toy-data/toyworld.array_record ]; then
+  python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record
+fi
+python -m train.main --config configs/toy.py --workdir out/toy "$@"
+python -m toyworld.evaluate --models models/toy --workdir out/toy

@@ -1,0 +1,148 @@
+"""The toy world's shipped models (models/toy, made by `toyworld.pretrain`): standard folders that
+diffusers and transformers load and that compute what the JAX ports compute; a frozen toy UNet
+that ELLA learns to drive; a short toy training run and its evaluation."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import ROOT, relative_error
+
+from ella_jax.models.ella import ELLA
+from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
+from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.weights.clip import load_clip_text_encoder
+from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.t5 import load_t5_encoder
+from ella_jax.weights.tensors import read_config
+from toyworld.scenes import generate, png_bytes, write_array_record
+from train import data
+from train.step import Models, StepConfig, init_state, make_train_step
+
+MODELS = ROOT / "models" / "toy"
+SD = MODELS / "sd"
+STEPS, FALL = 40, 0.5  # measured: see the test
+CAPTION = "a red square to the left of a blue circle on a black background"
+
+
+def toy_config(**overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_config", ROOT / "configs" / "toy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(overrides)
+    return config
+
+
+def test_tokenizers_have_one_token_per_word():
+    words = CAPTION.split()
+    clip = load_tokenizer(SD / "tokenizer")
+    assert len(clip(CAPTION)["input_ids"]) == len(words) + 2  # start and end
+    t5 = load_tokenizer(MODELS / "t5")
+    assert len(t5(CAPTION)["input_ids"]) == len(words) + 1  # end
+
+
+def test_toy_folders_compute_what_pytorch_computes():
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 8, 8, 8), np.float32)
+    context = rng.standard_normal((2, 32, 128), np.float32)
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    with torch.no_grad():
+        unet = UNet2DConditionModel.from_pretrained(SD / "unet", torch_dtype=torch.float32)
+        expected = unet(nchw(latents), 500, torch.from_numpy(context)).sample
+        model, params = load_unet(SD / "unet")
+        out = model.apply({"params": params}, latents, 500, context)
+        assert relative_error(out, expected.numpy().transpose(0, 2, 3, 1)) < 1e-4
+
+        vae = AutoencoderKL.from_pretrained(SD / "vae", torch_dtype=torch.float32)
+        expected = vae.decode(nchw(latents)).sample
+        model, params = load_vae(SD / "vae")
+        out = model.apply({"params": params}, latents, method="decode")
+        assert relative_error(out, expected.numpy().transpose(0, 2, 3, 1)) < 1e-4
+
+        ids, mask = tokenize(load_tokenizer(SD / "tokenizer"), [CAPTION, ""], 32)
+        clip = CLIPTextModel.from_pretrained(SD / "text_encoder", torch_dtype=torch.float32)
+        expected = clip(torch.from_numpy(ids).long()).last_hidden_state
+        model, params = load_clip_text_encoder(SD / "text_encoder")
+        assert relative_error(model.apply({"params": params}, ids)[0], expected.numpy()) < 1e-4
+
+        ids, mask = tokenize(load_tokenizer(MODELS / "t5"), [CAPTION, ""], 128)
+        t5 = T5EncoderModel.from_pretrained(MODELS / "t5", torch_dtype=torch.float32)
+        expected = t5(torch.from_numpy(ids).long(), torch.from_numpy(mask).long())
+        model, params = load_t5_encoder(MODELS / "t5")
+        out = model.apply({"params": params}, ids, mask)
+        assert relative_error(out, expected.last_hidden_state.numpy()) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def toy_setup():
+    """(make_step(optimizer) -> (train_step, state), frozen params, a batch of 8 toy scenes,
+    the models)."""
+    config = toy_config()
+    t5, t5_params = load_t5_encoder(MODELS / "t5")
+    vae, vae_params = load_vae(SD / "vae")
+    unet, unet_params = load_unet(SD / "unet")
+    scheduler = read_config(SD / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
+    ella = ELLA(**config.ella, input_dim=t5.config.d_model)
+    params = ella.init(jax.random.key(0), jnp.zeros((1, 1, 128)), jnp.zeros((1,)))["params"]
+    tokenizer = load_tokenizer(MODELS / "t5")
+    tokenize_one = lambda c: tuple(a[0] for a in tokenize(tokenizer, [c], 128))  # noqa: E731
+    source = [{"image": png_bytes(image), "caption": text} for image, text in generate(5, 8)]
+    batch = data.make_dataset(source, data.online_examples(tokenize_one, 32), 8, 0.0, seed=0)[0]
+    step_config = StepConfig("epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, False)
+    models = Models(t5, vae, unet, ella)
+    acp = jnp.asarray(alphas_cumprod(scheduler))
+
+    def make_step(optimizer):
+        return make_train_step(models, optimizer, acp, step_config), init_state(
+            params, optimizer, seed=0
+        )
+
+    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
+    return make_step, frozen, batch
+
+
+def test_ella_learns_to_drive_the_frozen_toy_unet(toy_setup):
+    """Same batch, noise and timesteps every step (the RNG is reset), so only ELLA can lower the
+    loss; the pretrained toy UNet listens to its context, so it falls far (the random fixture
+    UNet of test_train moves by 6e-4)."""
+    make_step, frozen, batch = toy_setup
+    step, state = make_step(optax.adam(1e-3))
+    step = jax.jit(step)
+    losses = []
+    for _ in range(STEPS):
+        rng = state.rng
+        state, metrics = step(state, frozen, batch)
+        state = state.replace(rng=rng)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < FALL * losses[0], losses
+
+
+def test_toy_training_and_evaluation_write_their_outputs(tmp_path, monkeypatch):
+    from toyworld.evaluate import evaluate
+    from train.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    write_array_record(tmp_path / "toy.array_record", seed=3, count=32)
+    config = toy_config(
+        batch_size=8, total_steps=4, log_every=2, checkpoint_every=4, sample_every=4
+    )
+    config.data.path = str(tmp_path / "toy.array_record")
+    workdir = tmp_path / "run"
+    train(config, workdir)
+    assert (workdir / "samples" / "step_0000004.png").is_file()
+    scores = evaluate(MODELS, workdir, count=4, seed=1, steps=2, guidance=5.0, grid_count=4)
+    assert list(scores) == ["toy SD", "untrained ELLA", "trained ELLA"]
+    written = json.loads((workdir / "eval" / "scores.json").read_text())
+    assert written["scores"] == scores and written["count"] == 4
+    assert (workdir / "eval" / "samples.png").is_file()
+    assert len((workdir / "eval" / "scores.md").read_text().splitlines()) == 5

@@ -1,0 +1,125 @@
+"""Scores what the frozen toy UNet draws for held-out captions, three ways:
+
+    python -m toyworld.evaluate --models models/toy --workdir out/toy [--count 192] [--seed 1]
+
+- "toy SD": the toy Stable Diffusion with its own CLIP text encoder (the ceiling);
+- "untrained ELLA": the connector of WORKDIR/ella_config.json at its random initialisation;
+- "trained ELLA": WORKDIR/ella.safetensors, as train.main exported it.
+
+The captions are those of `--count` scenes drawn with `--seed` (the training data uses other
+seeds). Writes WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first
+`--grid` captions per way, top to bottom as listed), captions.txt}.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ella_jax.images import grid, save_png, to_uint8
+from ella_jax.pipeline import ELLAPipeline
+from ella_jax.weights.tensors import CheckpointError, atomic_path, read_json
+from toyworld.scenes import generate
+from toyworld.score import ATTRIBUTES, score_many
+
+
+def draw(
+    pipeline: ELLAPipeline, captions: list[str], mode: str, steps: int, guidance: float, seed: int
+) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 images for `captions`, in batches of 64 (one compiled shape)."""
+    images = []
+    for start in range(0, len(captions), 64):
+        part = captions[start : start + 64]
+        padded = part + [""] * (64 - len(part))
+        drawn = pipeline(
+            padded,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=32,
+            width=32,
+            seed=seed + start,
+            output_type="np",
+            mode=mode,
+        )
+        images.append(np.asarray(drawn)[: len(part)])
+    return to_uint8(np.concatenate(images))
+
+
+def untrained(pipeline: ELLAPipeline, seed: int) -> ELLAPipeline:
+    """The same pipeline with the connector's params at a fresh initialisation."""
+    ella = pipeline.modules["ella"]
+    params = ella.init(jax.random.key(seed), jnp.zeros((1, 1, ella.input_dim)), jnp.zeros((1,)))[
+        "params"
+    ]
+    params = {**pipeline.params, "ella": params}
+    return ELLAPipeline(pipeline.modules, params, pipeline.tokenizers, pipeline.scheduler)
+
+
+def evaluate(
+    models: Path,
+    workdir: Path,
+    count: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    grid_count: int,
+) -> dict[str, dict[str, float]]:
+    """{way: {attribute: accuracy}} (see the module docstring); writes WORKDIR/eval."""
+    checkpoint = workdir / "ella.safetensors"
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: not found (train first: see configs/toy.py)")
+    trained = ELLAPipeline.from_pretrained(models / "sd", models / "t5", checkpoint)
+    pipelines = {
+        "toy SD": (trained, "clip"),
+        "untrained ELLA": (untrained(trained, seed), "ella"),
+        "trained ELLA": (trained, "ella"),
+    }
+    captions = [text for _, text in generate(seed, count)]
+    scores, rows = {}, []
+    for way, (pipeline, mode) in pipelines.items():
+        images = draw(pipeline, captions, mode, steps, guidance, seed)
+        scores[way] = score_many(list(images), captions)
+        rows.extend(images[:grid_count])
+        print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
+
+    table = ["| " + " | ".join(("", *ATTRIBUTES)) + " |", "|" + " --- |" * (len(ATTRIBUTES) + 1)]
+    for way, accuracy in scores.items():
+        table.append(f"| {way} | " + " | ".join(f"{accuracy[a]:.2f}" for a in ATTRIBUTES) + " |")
+    with atomic_path(workdir / "eval", overwrite=True) as out:
+        out.mkdir()
+        settings = dict(count=count, seed=seed, steps=steps, guidance=guidance)
+        (out / "scores.json").write_text(json.dumps({**settings, "scores": scores}, indent=2))
+        (out / "scores.md").write_text("\n".join(table) + "\n")
+        (out / "captions.txt").write_text("\n".join(captions[:grid_count]) + "\n")
+        upscaled = np.repeat(np.repeat(np.stack(rows), 2, axis=1), 2, axis=2)
+        framed = np.pad(upscaled, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=96)
+        save_png(grid(framed, columns=grid_count), out / "samples.png")
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m toyworld.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--models", type=Path, default=Path("models/toy"), help="pretrain --out")
+    parser.add_argument("--workdir", type=Path, required=True, help="train.main --workdir")
+    parser.add_argument("--count", type=int, default=192, help="held-out captions")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the held-out scenes")
+    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance")
+    parser.add_argument("--grid", type=int, default=12, help="captions shown in samples.png")
+    args = parser.parse_args()
+    try:
+        read_json(args.workdir / "ella_config.json")
+        evaluate(
+            args.models, args.workdir, args.count, args.seed, args.steps, args.guidance, args.grid
+        )
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
