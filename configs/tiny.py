@@ -1,4 +1,4 @@
-"""The embedded default: ELLA trained on the tiny models of tests/fixtures and data/tiny, on CPU.
+"""The tests' run: ELLA trained on the tiny models of tests/fixtures and data/tiny, on CPU.
 
     .venv/bin/python -m train.main --config configs/tiny.py --workdir out/tiny
 

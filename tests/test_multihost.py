@@ -50,15 +50,17 @@ def test_two_processes_equal_one(two_processes, uninterrupted):
     """Same global batches and forward: the first losses are bit-equal. The gradient all-reduce
     then sums the 8 devices' gradients in another order (gloo's ring across processes, XLA's
     own within one), an 8th-digit difference that Adam's normalised steps carry into the loss
-    (measured: 2e-6 at step 10) and the weights."""
+    (measured: 1e-7 at step 6, up to 1.2e-4 at step 12 since the CPU convolutions became
+    matmuls, whose sums XLA:CPU may split differently with 4 or 8 devices per process) and the
+    weights (within the learning rate, 1e-3)."""
     two, one = read_metrics(two_processes), read_metrics(uninterrupted)
     assert [m["step"] for m in two] == [m["step"] for m in one]
-    assert [m["loss"] for m in two[:4]] == [m["loss"] for m in one[:4]]
+    assert [m["loss"] for m in two[:2]] == [m["loss"] for m in one[:2]]
     for a, b in zip(two, one, strict=True):
-        assert relative_error(a["loss"], b["loss"]) < 1e-5, a["step"]
+        assert relative_error(a["loss"], b["loss"]) < 1e-3, a["step"]
     expected = weights(uninterrupted)
     for name, tensor in weights(two_processes).items():
-        np.testing.assert_allclose(tensor, expected[name], rtol=0, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(tensor, expected[name], rtol=0, atol=1e-3, err_msg=name)
     # Process 0 alone wrote the logs and the export.
     assert (two_processes / "samples" / "step_0000012.png").is_file()
     assert len(list(two_processes.glob("events.out.tfevents.*"))) == 1

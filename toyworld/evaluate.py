@@ -23,7 +23,7 @@ from ella_jax.images import grid, save_png, to_uint8
 from ella_jax.pipeline import ELLAPipeline
 from ella_jax.weights.tensors import CheckpointError, atomic_path, read_json
 from toyworld.scenes import generate
-from toyworld.score import ATTRIBUTES, score_many
+from toyworld.score import ATTRIBUTES, score, score_many
 
 
 def draw(
@@ -85,13 +85,25 @@ def evaluate(
         rows.extend(images[:grid_count])
         print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
 
-    table = ["| " + " | ".join(("", *ATTRIBUTES)) + " |", "|" + " --- |" * (len(ATTRIBUTES) + 1)]
+    # Whether a caption states an attribute does not depend on the image.
+    blank = [score(np.zeros((32, 32, 3), np.uint8), text) for text in captions]
+    stated = {a: sum(r[a] is not None for r in blank) for a in ATTRIBUTES}
+    table = [
+        "| captions stating it | " + " | ".join(f"{a} ({stated[a]})" for a in ATTRIBUTES) + " |",
+        "|" + " --- |" * (len(ATTRIBUTES) + 1),
+    ]
     for way, accuracy in scores.items():
-        table.append(f"| {way} | " + " | ".join(f"{accuracy[a]:.2f}" for a in ATTRIBUTES) + " |")
+        cells = ("-" if np.isnan(accuracy[a]) else f"{accuracy[a]:.2f}" for a in ATTRIBUTES)
+        table.append(f"| {way} | " + " | ".join(cells) + " |")
     with atomic_path(workdir / "eval", overwrite=True) as out:
         out.mkdir()
         settings = dict(count=count, seed=seed, steps=steps, guidance=guidance)
-        (out / "scores.json").write_text(json.dumps({**settings, "scores": scores}, indent=2))
+        readable = {
+            way: {a: None if np.isnan(v) else v for a, v in accuracy.items()}
+            for way, accuracy in scores.items()
+        }
+        summary = {**settings, "captions_stating": stated, "scores": readable}
+        (out / "scores.json").write_text(json.dumps(summary, indent=2))
         (out / "scores.md").write_text("\n".join(table) + "\n")
         (out / "captions.txt").write_text("\n".join(captions[:grid_count]) + "\n")
         upscaled = np.repeat(np.repeat(np.stack(rows), 2, axis=1), 2, axis=2)
