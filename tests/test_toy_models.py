@@ -1,6 +1,6 @@
 """The toy world's shipped models (models/toy, made by `toyworld.pretrain`): standard folders that
-diffusers and transformers load and that compute what the JAX ports compute; a frozen toy UNet
-that ELLA learns to drive; a short toy training run and its evaluation."""
+diffusers and transformers load and that compute what the JAX ports compute; a VAE that loses
+nothing the scorer reads; a frozen toy UNet that ELLA learns to drive; the evaluation."""
 
 import json
 
@@ -16,9 +16,10 @@ from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.ella import CONFIG_KEYS, write_official, write_official_config
 from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import read_config
-from toyworld.scenes import generate, png_bytes, write_array_record
+from toyworld.scenes import generate, png_bytes
 from toyworld.score import score_many
 from train import data
 from train.step import Models, StepConfig, init_state, make_train_step
@@ -141,23 +142,20 @@ def test_ella_learns_to_drive_the_frozen_toy_unet(toy_setup):
     assert losses[-1] < FALL * losses[0], losses
 
 
-def test_toy_training_and_evaluation_write_their_outputs(tmp_path, monkeypatch):
+def test_evaluation_writes_scores_and_samples(tmp_path):
+    """toyworld.evaluate on a connector as train.main exports it (here at its initialisation;
+    configs/toy.py's training is the main job, the trainer is tested with configs/tiny.py)."""
     from toyworld.evaluate import evaluate
-    from train.trainer import train
 
-    monkeypatch.chdir(ROOT)
-    write_array_record(tmp_path / "toy.array_record", seed=3, count=32)
-    config = toy_config(
-        batch_size=8, total_steps=4, log_every=2, checkpoint_every=4, sample_every=4
-    )
-    config.data.path = str(tmp_path / "toy.array_record")
-    workdir = tmp_path / "run"
-    train(config, workdir)
-    assert (workdir / "samples" / "step_0000004.png").is_file()
-    scores = evaluate(MODELS, workdir, count=4, seed=1, steps=2, guidance=5.0, grid_count=4)
+    config = toy_config()
+    ella = ELLA(**config.ella, input_dim=128)
+    params = ella.init(jax.random.key(0), jnp.zeros((1, 1, 128)), jnp.zeros((1,)))["params"]
+    write_official(tmp_path / "ella.safetensors", params)
+    write_official_config(tmp_path / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS})
+    scores = evaluate(MODELS, tmp_path, count=4, seed=1, steps=2, guidance=3.0, grid_count=4)
     assert list(scores) == ["toy SD", "untrained ELLA", "trained ELLA"]
-    written = json.loads((workdir / "eval" / "scores.json").read_text())
+    written = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert written["scores"].keys() == scores.keys() and written["count"] == 4
     assert sum(written["captions_stating"].values()) > 4
-    assert (workdir / "eval" / "samples.png").is_file()
-    assert len((workdir / "eval" / "scores.md").read_text().splitlines()) == 5
+    assert (tmp_path / "eval" / "samples.png").is_file()
+    assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 5
