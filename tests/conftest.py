@@ -68,16 +68,22 @@ def randomized(module, seed: int = 0, std: float = 0.05):
 SHORT = dict(total_steps=12, checkpoint_every=4, log_every=2, sample_every=12)
 
 
-def tiny_config(**overrides):
-    """configs/tiny.py with overrides (its paths are relative to the repository root)."""
+def project_config(name: str, **overrides):
+    """configs/{name}.py with overrides (its paths are relative to the repository root)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    path = ROOT / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
     config.update(overrides)
     return config
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py with overrides."""
+    return project_config("tiny", **overrides)
 
 
 def read_metrics(workdir: Path) -> list[dict]:

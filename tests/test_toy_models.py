@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, relative_error
+from conftest import ROOT, project_config, relative_error
 
 from ella_jax.models.ella import ELLA
 from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
@@ -28,17 +28,6 @@ MODELS = ROOT / "models" / "toy"
 SD = MODELS / "sd"
 STEPS, FALL = 40, 0.65  # measured 0.68 -> 0.37 in 40 steps
 CAPTION = "a red square to the left of a blue circle on a black background"
-
-
-def toy_config(**overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("toy_config", ROOT / "configs" / "toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.update(overrides)
-    return config
 
 
 def test_tokenizers_have_one_token_per_word():
@@ -102,7 +91,7 @@ def test_toy_vae_reconstructions_score_perfectly():
 def toy_setup():
     """(make_step(optimizer) -> (train_step, state), frozen params, a batch of 8 toy scenes,
     the models)."""
-    config = toy_config()
+    config = project_config("toy")
     t5, t5_params = load_t5_encoder(MODELS / "t5")
     vae, vae_params = load_vae(SD / "vae")
     unet, unet_params = load_unet(SD / "unet")
@@ -147,7 +136,7 @@ def test_evaluation_writes_scores_and_samples(tmp_path):
     configs/toy.py's training is the main job, the trainer is tested with configs/tiny.py)."""
     from toyworld.evaluate import evaluate
 
-    config = toy_config()
+    config = project_config("toy")
     ella = ELLA(**config.ella, input_dim=128)
     params = ella.init(jax.random.key(0), jnp.zeros((1, 1, 128)), jnp.zeros((1,)))["params"]
     write_official(tmp_path / "ella.safetensors", params)
