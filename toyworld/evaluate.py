@@ -71,7 +71,9 @@ def evaluate(
     checkpoint = workdir / "ella.safetensors"
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: not found (train first: see configs/toy.py)")
-    trained = ELLAPipeline.from_pretrained(models / "sd", models / "t5", checkpoint)
+    # The official file does not hold the head count; train.main writes it beside.
+    heads = read_json(workdir / "ella_config.json")["heads"]
+    trained = ELLAPipeline.from_pretrained(models / "sd", models / "t5", checkpoint, heads)
     pipelines = {
         "toy SD": (trained, "clip"),
         "untrained ELLA": (untrained(trained, seed), "ella"),
@@ -125,7 +127,6 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=12, help="captions shown in samples.png")
     args = parser.parse_args()
     try:
-        read_json(args.workdir / "ella_config.json")
         evaluate(
             args.models, args.workdir, args.count, args.seed, args.steps, args.guidance, args.grid
         )
