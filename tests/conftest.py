@@ -86,6 +86,45 @@ def tiny_config(**overrides):
     return project_config("tiny", **overrides)
 
 
+def train_step_setup(config, source, resolution: int):
+    """make_step(optimizer) -> (train_step, state), the frozen params and the first batch of 8
+    of `source` (records {"image", "caption"}), built from the public pieces with the models of
+    `config` (a project_config), its ELLA at a fresh initialisation."""
+    import jax.numpy as jnp
+
+    from ella_jax.models.ella import ELLA
+    from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
+    from ella_jax.text import load_tokenizer, tokenize
+    from ella_jax.weights.diffusers import load_unet, load_vae
+    from ella_jax.weights.t5 import load_t5_encoder
+    from ella_jax.weights.tensors import read_config
+    from train import data
+    from train.step import Models, StepConfig, init_state, make_train_step
+
+    sd = ROOT / config.sd
+    t5, t5_params = load_t5_encoder(ROOT / config.t5)
+    vae, vae_params = load_vae(sd / "vae")
+    unet, unet_params = load_unet(sd / "unet")
+    scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
+    ella = ELLA(**config.ella, input_dim=t5.config.d_model)
+    features = jnp.zeros((1, 1, ella.input_dim))
+    params = ella.init(jax.random.key(0), features, jnp.zeros((1,)))["params"]
+    tokenizer = load_tokenizer(ROOT / config.t5)
+    tokenize_one = lambda c: tuple(a[0] for a in tokenize(tokenizer, [c], 128))  # noqa: E731
+    examples = data.online_examples(tokenize_one, resolution)
+    batch = data.make_dataset(source, examples, 8, 0.0, seed=0)[0]
+    step_config = StepConfig("epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, False)
+    models = Models(t5, vae, unet, ella)
+    acp = jnp.asarray(alphas_cumprod(scheduler))
+
+    def make_step(optimizer):
+        step = make_train_step(models, optimizer, acp, step_config)
+        return step, init_state(params, optimizer, seed=0)
+
+    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
+    return make_step, frozen, batch
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     import json
 

@@ -9,20 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, project_config, relative_error
+from conftest import ROOT, project_config, relative_error, train_step_setup
 
 from ella_jax.models.ella import ELLA
-from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import CONFIG_KEYS, write_official, write_official_config
 from ella_jax.weights.t5 import load_t5_encoder
-from ella_jax.weights.tensors import read_config
 from toyworld.scenes import generate, png_bytes
 from toyworld.score import score_many
-from train import data
-from train.step import Models, StepConfig, init_state, make_train_step
+from train.trainer import RUN_CONFIG_FILE
 
 MODELS = ROOT / "models" / "toy"
 SD = MODELS / "sd"
@@ -89,30 +86,8 @@ def test_toy_vae_reconstructions_score_perfectly():
 
 @pytest.fixture(scope="module")
 def toy_setup():
-    """(make_step(optimizer) -> (train_step, state), frozen params, a batch of 8 toy scenes,
-    the models)."""
-    config = project_config("toy")
-    t5, t5_params = load_t5_encoder(MODELS / "t5")
-    vae, vae_params = load_vae(SD / "vae")
-    unet, unet_params = load_unet(SD / "unet")
-    scheduler = read_config(SD / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
-    ella = ELLA(**config.ella, input_dim=t5.config.d_model)
-    params = ella.init(jax.random.key(0), jnp.zeros((1, 1, 128)), jnp.zeros((1,)))["params"]
-    tokenizer = load_tokenizer(MODELS / "t5")
-    tokenize_one = lambda c: tuple(a[0] for a in tokenize(tokenizer, [c], 128))  # noqa: E731
-    source = [{"image": png_bytes(image), "caption": text} for image, text in generate(5, 8)]
-    batch = data.make_dataset(source, data.online_examples(tokenize_one, 32), 8, 0.0, seed=0)[0]
-    step_config = StepConfig("epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, False)
-    models = Models(t5, vae, unet, ella)
-    acp = jnp.asarray(alphas_cumprod(scheduler))
-
-    def make_step(optimizer):
-        return make_train_step(models, optimizer, acp, step_config), init_state(
-            params, optimizer, seed=0
-        )
-
-    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
-    return make_step, frozen, batch
+    scenes = [{"image": png_bytes(image), "caption": text} for image, text in generate(5, 8)]
+    return train_step_setup(project_config("toy"), scenes, resolution=32)
 
 
 def test_ella_learns_to_drive_the_frozen_toy_unet(toy_setup):
@@ -141,10 +116,12 @@ def test_evaluation_writes_scores_and_samples(tmp_path):
     params = ella.init(jax.random.key(0), jnp.zeros((1, 1, 128)), jnp.zeros((1,)))["params"]
     write_official(tmp_path / "ella.safetensors", params)
     write_official_config(tmp_path / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS})
+    (tmp_path / RUN_CONFIG_FILE).write_text(config.to_json())  # mask_padding: flexible tokens
     scores = evaluate(MODELS, tmp_path, count=4, seed=1, steps=2, guidance=3.0, grid_count=4)
     assert list(scores) == ["toy SD", "untrained ELLA", "trained ELLA"]
     written = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert written["scores"].keys() == scores.keys() and written["count"] == 4
+    assert written["token_length"] == "flexible"
     assert sum(written["captions_stating"].values()) > 4
     assert (tmp_path / "eval" / "samples.png").is_file()
     assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 5

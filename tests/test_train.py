@@ -9,23 +9,15 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import safetensors.numpy
-from conftest import ROOT, SHORT, read_metrics, relative_error, tiny_config
+from conftest import ROOT, SHORT, read_metrics, relative_error, tiny_config, train_step_setup
 
 from ella_jax import load_ella
-from ella_jax.models.ella import ELLA
-from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
-from ella_jax.text import load_tokenizer, tokenize
-from ella_jax.weights.diffusers import load_unet, load_vae
-from ella_jax.weights.t5 import load_t5_encoder
-from ella_jax.weights.tensors import read_config
 from train import data
-from train.step import Models, StepConfig, init_state, make_train_step
 from train.trainer import ConfigError, check_config, train
 
 
@@ -48,6 +40,8 @@ def test_tiny_config_runs_to_the_end(uninterrupted):
         num_latents=16,
         input_dim=96,
     )
+    run = json.loads((uninterrupted / "config.json").read_text())
+    assert run["total_steps"] == 12 and run["ella"]["num_latents"] == 16
     # The export is the official layout: the same names and shapes as the reference checkpoint.
     exported = safetensors.numpy.load_file(uninterrupted / "ella.safetensors")
     reference = safetensors.numpy.load_file(ROOT / "tests/fixtures/reference/ella.safetensors")
@@ -133,30 +127,8 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_run(uninterrupted, tmp_path)
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    """make_step(optimizer) -> (train_step, state), the frozen params and one batch of 8, built
-    from the public pieces with the tiny models."""
     config = tiny_config()
-    sd = ROOT / config.sd
-    t5, t5_params = load_t5_encoder(ROOT / config.t5)
-    vae, vae_params = load_vae(sd / "vae")
-    unet, unet_params = load_unet(sd / "unet")
-    scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
-    ella = ELLA(**config.ella, input_dim=t5.config.d_model)
-    params = ella.init(jax.random.key(0), jnp.zeros((1, 1, 96)), jnp.zeros((1,)))["params"]
-    tokenizer = load_tokenizer(ROOT / config.t5)
-    tokenize_one = lambda c: tuple(a[0] for a in tokenize(tokenizer, [c], 128))  # noqa: E731
-    source = data.read_manifest(ROOT / config.data.path)
-    batch = data.make_dataset(source, data.online_examples(tokenize_one, 16), 8, 0.0, seed=0)[0]
-    step_config = StepConfig("epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, False)
-    models = Models(t5, vae, unet, ella)
-    acp = jnp.asarray(alphas_cumprod(scheduler))
-
-    def make_step(optimizer):
-        step = make_train_step(models, optimizer, acp, step_config)
-        return step, init_state(params, optimizer, seed=0)
-
-    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
-    return make_step, frozen, batch
+    return train_step_setup(config, data.read_manifest(ROOT / config.data.path), resolution=16)
 
 
 def test_sharded_step_equals_single_device(tiny_setup):

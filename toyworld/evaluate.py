@@ -7,13 +7,16 @@
 - "trained ELLA": WORKDIR/ella.safetensors, as train.main exported it.
 
 The captions are those of `--count` scenes drawn with `--seed` (the training data uses other
-seeds). Writes WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first
-`--grid` captions per way, top to bottom as listed), captions.txt}.
+seeds). The connector reads the T5 tokens as it was trained to (WORKDIR/config.json): each
+caption's own tokens when it masked the padding, else the reference's fixed 128. Writes
+WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first `--grid` captions per way,
+top to bottom as listed), captions.txt}.
 """
 
 import argparse
 import json
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +27,17 @@ from ella_jax.pipeline import ELLAPipeline
 from ella_jax.weights.tensors import CheckpointError, atomic_path, read_json
 from toyworld.scenes import generate
 from toyworld.score import ATTRIBUTES, score, score_many
+from train.trainer import RUN_CONFIG_FILE
 
 
 def draw(
-    pipeline: ELLAPipeline, captions: list[str], mode: str, steps: int, guidance: float, seed: int
+    pipeline: ELLAPipeline,
+    captions: list[str],
+    mode: str,
+    steps: int,
+    guidance: float,
+    seed: int,
+    token_length: Literal["fixed", "flexible"],
 ) -> np.ndarray:
     """(N, 32, 32, 3) uint8 images for `captions`, in batches of 64 (one compiled shape)."""
     images = []
@@ -43,6 +53,7 @@ def draw(
             seed=seed + start,
             output_type="np",
             mode=mode,
+            token_length=token_length,
         )
         images.append(np.asarray(drawn)[: len(part)])
     return to_uint8(np.concatenate(images))
@@ -66,13 +77,21 @@ def evaluate(
     steps: int,
     guidance: float,
     grid_count: int,
+    token_length: Literal["fixed", "flexible"] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{way: {attribute: accuracy}} (see the module docstring); writes WORKDIR/eval."""
+    """{way: {attribute: accuracy}} (see the module docstring); writes WORKDIR/eval.
+    token_length: the pipeline's T5 token mode; None: "flexible" when the run trained with
+    mask_padding (WORKDIR/config.json), else "fixed"."""
     checkpoint = workdir / "ella.safetensors"
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: not found (train first: see configs/toy.py)")
-    # The official file does not hold the head count; train.main writes it beside.
+    # The official file does not hold the head count; train.main writes it beside, and the
+    # run's config, whose mask_padding says how the connector read the T5 tokens.
     heads = read_json(workdir / "ella_config.json")["heads"]
+    if token_length is None:
+        run = workdir / RUN_CONFIG_FILE
+        masked = run.is_file() and read_json(run).get("mask_padding", False)
+        token_length = "flexible" if masked else "fixed"
     trained = ELLAPipeline.from_pretrained(models / "sd", models / "t5", checkpoint, heads)
     pipelines = {
         "toy SD": (trained, "clip"),
@@ -82,7 +101,7 @@ def evaluate(
     captions = [text for _, text in generate(seed, count)]
     scores, rows = {}, []
     for way, (pipeline, mode) in pipelines.items():
-        images = draw(pipeline, captions, mode, steps, guidance, seed)
+        images = draw(pipeline, captions, mode, steps, guidance, seed, token_length)
         scores[way] = score_many(list(images), captions)
         rows.extend(images[:grid_count])
         print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
@@ -99,7 +118,9 @@ def evaluate(
         table.append(f"| {way} | " + " | ".join(cells) + " |")
     with atomic_path(workdir / "eval", overwrite=True) as out:
         out.mkdir()
-        settings = dict(count=count, seed=seed, steps=steps, guidance=guidance)
+        settings = dict(
+            count=count, seed=seed, steps=steps, guidance=guidance, token_length=token_length
+        )
         readable = {
             way: {a: None if np.isnan(v) else v for a, v in accuracy.items()}
             for way, accuracy in scores.items()
@@ -125,10 +146,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance")
     parser.add_argument("--grid", type=int, default=12, help="captions shown in samples.png")
+    parser.add_argument(
+        "--token-length",
+        choices=("fixed", "flexible"),
+        help="T5 tokens the connector sees: fixed 128 unmasked, or each caption's own (default: "
+        "flexible when WORKDIR/config.json trained with mask_padding, else fixed)",
+    )
     args = parser.parse_args()
     try:
         evaluate(
-            args.models, args.workdir, args.count, args.seed, args.steps, args.guidance, args.grid
+            args.models,
+            args.workdir,
+            args.count,
+            args.seed,
+            args.steps,
+            args.guidance,
+            args.grid,
+            args.token_length,
         )
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None

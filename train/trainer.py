@@ -28,6 +28,8 @@ from train import checkpoint, data
 from train.metrics import MetricsWriter
 from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
 
+RUN_CONFIG_FILE = "config.json"  # the run's config, beside its checkpoints and export
+
 
 class ConfigError(ValueError):
     """A training config that cannot run; raised before any compute."""
@@ -108,10 +110,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             params = ella.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
         return init_state(params, optimizer, config.seed)
 
-    if primary:  # lets `python -m convert export` read any checkpoint
+    if primary:  # lets `python -m convert export` read any checkpoint, and readers see the run
         write_official_config(
             workdir / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS}
         )
+        (workdir / RUN_CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
     abstract_state = jax.eval_shape(initial_state)
     state_shardings = param_shardings(abstract_state, mesh)
 
