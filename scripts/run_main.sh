@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: trains ELLA on the toy world (configs/toy.py) on the CPU,
 # into out/toy, then scores what the frozen toy UNet draws for held-out captions (out/toy/eval).
-# The training scenes are generated once (out/toy-data). Rerunning resumes the training; extra
-# arguments go to train.main (e.g. --config.total_steps=200).
+# The training scenes (out/toy-data) and their frozen VAE latents and T5 features
+# (out/toy-features) are made once. Rerunning resumes the training; extra arguments go to
+# train.main (e.g. --config.total_steps=200).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-if [ ! -f out/toy-data/toyworld.array_record ]; then
+scenes=out/toy-data/toyworld.array_record
+if [ ! -f "$scenes" ]; then
   python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record
+fi
+if [ ! -d out/toy-features ]; then
+  python -m train.precompute --config configs/toy.py --out out/toy-features \
+    --config.data.source=array_record --config.data.path="$scenes"
 fi
 python -m train.main --config configs/toy.py --workdir out/toy "$@"
 python -m toyworld.evaluate --models models/toy --workdir out/toy
