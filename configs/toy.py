@@ -11,7 +11,7 @@
 The frozen models are the toy Stable Diffusion and the random toy T5 that `toyworld.pretrain`
 made and the repository ships (models/toy). ELLA learns to turn the T5's features into the
 context the toy UNet was trained on (its CLIP text encoder's); `toyworld.evaluate` then scores
-what the UNet draws for held-out captions. About 16 minutes on 2 cores (14 of them training).
+what the UNet draws for held-out captions. About 14 minutes on 2 cores (9.5 of them training).
 """
 
 import ml_collections
@@ -41,8 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.token_length = 32
     c.mask_padding = True
 
-    # 750 steps fit the 15 minutes on the slower 2-core hosts (AVX2: 0.85 s a step); 1600 reach
-    # a little higher (README).
+    # 750 steps fit the main job in 15 minutes on a 2-core AVX2 host (0.76 s a step); 1600 steps
+    # score higher and take twice as long (README).
     c.batch_size = 64
     c.total_steps = 750
     c.learning_rate = 3e-3
