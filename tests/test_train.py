@@ -71,6 +71,10 @@ def test_precomputed_data_trains_like_the_online_path(uninterrupted, tmp_path):
     assert summary["examples"] == 32 and summary["skipped_images"] == 0
     config = tiny_config(**SHORT)
     config.data.update(source="precomputed", path=str(tmp_path / "precomputed"))
+    # Features made for another token length are refused before any compute.
+    with pytest.raises(ConfigError, match=r"config\.token_length=16, but .*precompute\.json was"
+                       r" made with token_length=128"):  # fmt: skip
+        check_config(tiny_config(token_length=16, data=dict(config.data)))
     train(config, tmp_path / "run")
     for a, b in zip(read_metrics(tmp_path / "run"), read_metrics(uninterrupted), strict=True):
         assert relative_error(a["loss"], b["loss"]) < 1e-3, a["step"]  # measured <= 1.6e-5

@@ -86,6 +86,7 @@ def precompute(
             skipped_images=skipped,
             source=f"{config.data.source}:{config.data.path}",
             resolution=config.data.resolution,
+            token_length=config.token_length,
             t5=str(config.t5),
             sd=str(config.sd),
             t5_dtype=str(config.t5_dtype),

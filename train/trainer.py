@@ -23,7 +23,7 @@ from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import CONFIG_KEYS, load_ella, write_official, write_official_config
 from ella_jax.weights.t5 import load_t5_encoder
-from ella_jax.weights.tensors import read_config, read_json
+from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from train import checkpoint, data
 from train.metrics import MetricsWriter
 from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
@@ -67,6 +67,31 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "checkpoint_every", "log_every", "sample_every"):
         if config[key] <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
+    if config.data.source == "precomputed":
+        _check_precomputed(config)
+
+
+def _check_precomputed(config: ml_collections.ConfigDict) -> None:
+    """The features in a `train.precompute` folder were made with this config's image size,
+    token length and T5 dtype (the step would train on them as they are)."""
+    summary_path = Path(config.data.path) / "precompute.json"
+    try:
+        made = read_json(summary_path)
+    except CheckpointError as e:
+        message = f"config.data.path={config.data.path!r}: {e} (train.precompute writes it)"
+        raise ConfigError(message) from None
+    wanted = {
+        "data.resolution": config.data.resolution,
+        "token_length": config.token_length,
+        "t5_dtype": str(config.t5_dtype),
+    }
+    for key, value in wanted.items():
+        field = key.rsplit(".", 1)[-1]
+        if field in made and made[field] != value:
+            raise ConfigError(
+                f"config.{key}={value!r}, but {summary_path} was made with {field}="
+                f"{made[field]!r}: rerun train.precompute with this config"
+            )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
