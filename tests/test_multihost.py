@@ -29,7 +29,8 @@ def wait_for_step(process, workdir, step):
     deadline = time.time() + 300
     metrics = workdir / "metrics.jsonl"
     while not (metrics.exists() and any(m["step"] >= step for m in read_metrics(workdir))):
-        assert process.poll() is None and time.time() < deadline, process.communicate()
+        # The timeout turns a launch that never logs into a failure, not a hung suite.
+        assert process.poll() is None and time.time() < deadline, process.communicate(timeout=60)
         time.sleep(0.1)
 
 
