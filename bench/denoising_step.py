@@ -12,7 +12,7 @@ One step, as `ella_jax.sampling` runs it with classifier-free guidance:
     x_next  = x - 0.1 * guided                           (a stand-in for the scheduler update)
 
 ELLA has the released size (`ella_jax.ELLA()` defaults; PyTorch: `bench.torch_ella.TorchELLA`),
-the UNet the SD 1.5 config (`bench.real_size_backbones.SD15_UNET`). The PyTorch models are built
+the UNet the SD 1.5 config (`bench.model_configs.SD15_UNET`). The PyTorch models are built
 first with random weights (every parameter perturbed, so no path is trivially zero) and their
 state dicts converted to this project's parameter trees; PyTorch's Linear weights, biases and
 norm scales are then pointed at the JAX buffers (one copy of those in memory; a transposed view
@@ -25,8 +25,8 @@ guided noise and next latents; all must be < 1e-4, else exit 1), then the median
 the fastest call. The JAX and PyTorch calls are interleaved, one of each per round, so that load
 from other work hits both; 'other' says how many cores other processes took meanwhile (from
 /proc/stat): PyTorch's OpenMP threads slow down many times over when another process takes a
-core, XLA's much less, so compare runs with 'other' near 0. XLA's FLOP count of the compiled
-function (the project's formulation) gives the GFLOP/s of both.
+core, XLA's much less, so compare runs with 'other' near 0. XLA's FLOP count of the function
+(`ella_jax.flops.model_flops`: the plain formulation) gives the GFLOP/s of both.
 
 `--profile` (automatic when the JAX step is slower) profiles a few steps on each side: JAX with
 `jax.profiler.trace` (the trace's XLA op events, matched to the optimized HLO's instructions),
@@ -51,7 +51,6 @@ import argparse
 import collections
 import contextlib
 import ctypes
-import functools
 import gc
 import gzip
 import json
@@ -62,7 +61,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -72,10 +71,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-import ella_jax.models.attention as attention_module
-from bench.real_size_backbones import SD15_UNET, perturb_, relative_error
+from bench.model_configs import SD15_UNET
+from bench.real_size_backbones import perturb_, relative_error
 from bench.torch_ella import TorchELLA
 from ella_jax import ELLA
+from ella_jax.flops import model_flops
 from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ella_jax.weights.naming import params_from_torch, params_to_torch
 
@@ -84,21 +84,6 @@ GUIDANCE = 7.5
 STEP_SIZE = 0.1  # x_next = x - STEP_SIZE * guided
 TIMESTEP = 500.0
 TOKENS = 128
-
-
-# ----------------------------------------------------------------------------------------------
-# XLA counts a loop's body once, so the FLOPs are counted with the CPU attention unblocked.
-
-
-@contextlib.contextmanager
-def unblocked_attention() -> Iterator[None]:
-    """Within the block, `blocked_attention` runs as one block (traced models only)."""
-    original = attention_module.blocked_attention
-    attention_module.blocked_attention = functools.partial(original, block=1 << 30)
-    try:
-        yield
-    finally:
-        attention_module.blocked_attention = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,14 +247,11 @@ def ms(times: list[float]) -> str:
     return f"{1e3 * statistics.median(times):8.1f} ms (best {1e3 * min(times):7.1f})"
 
 
-def compile_timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
-    """(compiled executable, XLA's FLOP count, compile seconds)."""
+def compile_timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """(compiled executable, compile seconds)."""
     start = time.perf_counter()
     compiled = jax.jit(function).lower(*args).compile()
-    seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return compiled, float(cost["flops"]), seconds
+    return compiled, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,9 +601,8 @@ def main() -> None:
     flops: dict[str, float] = {}
     for name in ("step", "unet", "ella"):
         function = jax_functions(unet, ella)[name]
-        compiled[name], _, seconds = compile_timed(function, params, *j_in[name])
-        with unblocked_attention():
-            flops[name] = compile_timed(function, params, *j_in[name])[1]
+        compiled[name], seconds = compile_timed(function, params, *j_in[name])
+        flops[name] = model_flops(function, params, *j_in[name])
         print(
             f"compiled JAX {name} in {seconds:.0f} s: XLA counts {flops[name] / 1e9:.1f} GFLOP",
             flush=True,

@@ -34,50 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.t5 import load_t5_encoder
 
 TOLERANCE = 1e-4
-
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "use_linear_projection": False,
-}
-FLAN_T5_XL = {
-    "d_model": 2048,
-    "d_ff": 5120,
-    "d_kv": 64,
-    "num_heads": 32,
-    "num_layers": 24,
-    "vocab_size": 32128,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6,
-    "is_encoder_decoder": False,
-    "use_cache": False,
-}
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-}
 
 
 def median_s(run: Callable[[], object], repeats: int) -> float:

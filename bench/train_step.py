@@ -38,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         train(config, workdir)
         metrics = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").open()]
-    rates = [m["samples_per_second"] for m in metrics[1:]]
+    rates = [m["samples_per_s"] for m in metrics[1:]]
     print(
         f"{args.config}: batch {config.batch_size}, {config.data.resolution}px, {args.steps} steps "
         f"on {jax.device_count()} {jax.devices()[0].platform} device(s): median "

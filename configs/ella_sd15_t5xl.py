@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.9999  # [ours] the paper states no EMA; ella.safetensors exports the EMA
     c.min_snr_gamma = 0.0  # [ip-adapter] plain epsilon MSE
     c.dtype = "bfloat16"  # [ours] compute; float32 master params
+    c.remat = "none"  # [ours] ~0.72 GiB a sample without (BENCHMARKS.md): 32 fit an 80 GB GPU
     c.t5_dtype = "float16"  # [paper] features were made with float16 T5
     c.seed = 0
 

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.9
     c.min_snr_gamma = 0.0
     c.dtype = "float32"  # ELLA / UNet / VAE compute; ELLA's master params are always float32
+    c.remat = "none"  # "blocks": the UNet's blocks are recomputed in the backward pass
     c.t5_dtype = "float32"
     c.seed = 0
 

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.99
     c.min_snr_gamma = 0.0
     c.dtype = "float32"
+    c.remat = "none"
     c.t5_dtype = "float32"
     c.seed = 0
 

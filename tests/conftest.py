@@ -27,6 +27,15 @@ def relative_error(actual, expected) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def kernels(request, monkeypatch) -> str:
+    """Runs a test once per kernel path, set as users set it (ELLA_JAX_KERNELS): the CPU's
+    kernels, then the GPU/TPU code paths with XLA standing in for cuDNN. Models are traced
+    when called, so a test must jit its functions (or build its pipeline) inside."""
+    monkeypatch.setenv("ELLA_JAX_KERNELS", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE

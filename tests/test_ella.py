@@ -1,4 +1,5 @@
-"""The connector against the official implementation's numbers (fixtures/reference/ella_io.npz)."""
+"""The connector against the official implementation's numbers (fixtures/reference/ella_io.npz),
+on both kernel paths (`ella_jax.kernels`)."""
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +24,22 @@ def ella_fp32():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_float32_matches_reference(ella_fp32, case):
+def test_float32_matches_reference(kernels, ella_fp32, case):
     model, params = ella_fp32
     timesteps, token_mask, expected = CASES[case]
-    out = model.apply({"params": params}, IO["features"], timesteps, token_mask=token_mask)
+    forward = jax.jit(lambda *args: model.apply({"params": params}, *args))  # traced here
+    out = forward(IO["features"], timesteps, token_mask)
     assert out.shape == expected.shape and out.dtype == jnp.float32
     assert relative_error(out, expected) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
-def test_float16_checkpoint_matches_reference(dtype):
+def test_float16_checkpoint_matches_reference(kernels, dtype):
     model, params = load_ella(REFERENCE / "ella_fp16.safetensors", heads=4, dtype=dtype)
     assert all(p.dtype == jnp.float16 for p in jax.tree.leaves(params))
+    forward = jax.jit(lambda *args: model.apply({"params": params}, *args))
     for timesteps, token_mask, expected in CASES.values():
-        out = model.apply({"params": params}, IO["features"], timesteps, token_mask=token_mask)
+        out = forward(IO["features"], timesteps, token_mask)
         assert out.dtype == dtype
         # float16 weights alone cost ~1e-3; float16 / bfloat16 arithmetic ~3e-3 / ~2e-2.
         tolerance = {jnp.float32: 5e-3, jnp.float16: 1e-2, jnp.bfloat16: 5e-2}[dtype]

@@ -57,6 +57,36 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
     )
 
 
+def make_denoising_loss(
+    models: Models, alphas_cumprod: jax.Array, prediction_type: str
+) -> Callable[..., jax.Array]:
+    """per_example_loss(ella_params, unet_params, t5_features, token_mask, latents, noise,
+    timesteps) -> (B,) float32: the MSE of the frozen UNet's prediction, conditioned on
+    ELLA(t5_features, timesteps, token_mask), to the noise (or to v) of `latents` noised to
+    `timesteps`. t5_features (B, T, D), token_mask (B, T) bool or None (every token attended),
+    latents and noise (B, h, w, c) scaled as the UNet takes them, timesteps (B,) int."""
+
+    def per_example_loss(
+        ella_params: Any,
+        unet_params: Any,
+        t5_features: jax.Array,
+        token_mask: jax.Array | None,
+        latents: jax.Array,
+        noise: jax.Array,
+        timesteps: jax.Array,
+    ) -> jax.Array:
+        noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
+        if prediction_type == "v_prediction":
+            target = velocity(alphas_cumprod, latents, noise, timesteps)
+        else:
+            target = noise
+        context = models.ella.apply({"params": ella_params}, t5_features, timesteps, token_mask)
+        prediction = models.unet.apply({"params": unet_params}, noisy, timesteps, context)
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
+
+    return per_example_loss
+
+
 def make_train_step(
     models: Models,
     optimizer: optax.GradientTransformation,
@@ -67,6 +97,7 @@ def make_train_step(
     "valid" (B,), "token_mask" (B, T), and either "image" (B, R, R, 3) in [-1, 1] and
     "input_ids" (B, T) (the frozen VAE and T5 run here) or their precomputed outputs
     "latent_mean", "latent_logvar" (B, h, w, c) and "t5_features" (B, T, D)."""
+    per_example_loss = make_denoising_loss(models, alphas_cumprod, config.prediction_type)
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         rng, latent_rng, noise_rng, time_rng = jax.random.split(
@@ -88,11 +119,6 @@ def make_train_step(
         noise = jax.random.normal(noise_rng, latents.shape)
         batch_size = latents.shape[0]
         timesteps = jax.random.randint(time_rng, (batch_size,), 0, alphas_cumprod.shape[0])
-        noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
-        if config.prediction_type == "v_prediction":
-            target = velocity(alphas_cumprod, latents, noise, timesteps)
-        else:
-            target = noise
         valid = batch["valid"].astype(jnp.float32)
         weight = valid
         if config.min_snr_gamma > 0:
@@ -107,10 +133,8 @@ def make_train_step(
         features = jax.lax.stop_gradient(features)
 
         def loss_fn(params: Any) -> jax.Array:
-            context = models.ella.apply({"params": params}, features, timesteps, ella_mask)
-            prediction = models.unet.apply({"params": frozen["unet"]}, noisy, timesteps, context)
-            per_example = jnp.mean(
-                jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3)
+            per_example = per_example_loss(
+                params, frozen["unet"], features, ella_mask, latents, noise, timesteps
             )
             return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(valid), 1.0)
 

@@ -6,6 +6,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
 from ella_jax.images import grid, save_png
 from ella_jax.models.ella import ELLA
 from ella_jax.sampling import TextConditioning, sample_latents
@@ -29,6 +31,7 @@ from train.metrics import MetricsWriter
 from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
 
 RUN_CONFIG_FILE = "config.json"  # the run's config, beside its checkpoints and export
+REMAT = ("none", "blocks")  # config.remat: "blocks" recomputes each UNet block in the backward
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "checkpoint_every", "log_every", "sample_every"):
         if config[key] <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
+    if config.remat not in REMAT:
+        raise ConfigError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT)}")
     if config.data.source == "precomputed":
         _check_precomputed(config)
 
@@ -189,9 +194,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         mask_padding=config.mask_padding,
     )
     acp = jnp.asarray(alphas_cumprod(scheduler))
-    train_step = make_train_step(Models(t5, vae, unet, ella), optimizer, acp, step_config)
+    models = Models(t5, vae, unet.clone(remat=config.remat == "blocks"), ella)
+    train_step = make_train_step(models, optimizer, acp, step_config)
     first = next(iterator)
     batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), first)
+    abstract_batch = jax.tree.map(_global_shape(config.batch_size), first)
     compiled = (
         jax.jit(
             train_step,
@@ -199,8 +206,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             out_shardings=(state_shardings, None),
             donate_argnums=0,
         )
-        .lower(abstract_with_layout, frozen, jax.tree.map(_global_shape(config.batch_size), first))
+        .lower(abstract_with_layout, frozen, abstract_batch)
         .compile()
+    )
+    # Model FLOPs of a step (without the recomputation of remat) and the devices' peak: MFU.
+    modelled_step = make_train_step(models._replace(unet=unet), optimizer, acp, step_config)
+    throughput = _Throughput(
+        config.batch_size,
+        model_flops(modelled_step, abstract_state, frozen, abstract_batch),
+        jax.device_count(),
+        peak_flops_per_second(jax.devices()[0], config.dtype),
     )
     sampler = _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler)
 
@@ -222,13 +237,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             )
             state, metrics = compiled(state, frozen, global_batch)
             if pending is not None:  # fetch the previous logged step while this one runs
-                skipped = _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
+                skipped = _log(writer, bar, *pending, learning_rate, throughput, skipped)
                 pending = None
-            if step % config.log_every == 0 or step == config.total_steps:
+            logged = step % config.log_every == 0 or step == config.total_steps
+            if logged:
                 now = time.perf_counter()
                 pending = (step, metrics, now - clock, step - clock_step)
                 clock, clock_step = now, step
-            stopping = _any_process(stop.requested)
+            if logged or jax.process_count() == 1:
+                # Across processes a blocking collective, which would keep the host from queueing
+                # steps ahead: asked at logged steps only, the same steps on every process.
+                stopping = _any_process(stop.requested)
             if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
                 checkpoint.save(manager, step, state, iterator)
             if step % config.sample_every == 0:
@@ -241,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             if step < config.total_steps:
                 batch = next(iterator)
         if pending is not None:
-            _log(writer, bar, *pending, learning_rate, config.batch_size, skipped)
+            _log(writer, bar, *pending, learning_rate, throughput, skipped)
     manager.wait_until_finished()
     bar.close()
     if writer is not None:
@@ -261,13 +280,26 @@ def _global_shape(global_batch: int):
     return lambda a: jax.ShapeDtypeStruct((global_batch, *np.shape(a)[1:]), np.asarray(a).dtype)
 
 
-def _log(writer, bar, step, metrics, seconds, steps, learning_rate, batch_size, skipped) -> float:
+class _Throughput(NamedTuple):
+    batch_size: int
+    step_flops: float  # model FLOPs of one step, all devices together
+    devices: int
+    peak: float | None  # FLOP/s of one device
+
+    def record(self, seconds: float, steps: int) -> dict[str, float | None]:
+        """samples_per_s, tflops_per_device, mfu over `steps` steps that took `seconds`."""
+        rates = utilisation(self.step_flops * steps, seconds, self.devices, self.peak)
+        rates["samples_per_s"] = self.batch_size * steps / max(seconds, 1e-9)
+        return {name: value for name, value in rates.items() if value is not None}
+
+
+def _log(writer, bar, step, metrics, seconds, steps, learning_rate, throughput, skipped) -> float:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     skipped += values.pop("skipped")
     record = {
         **values,
         "lr": float(learning_rate(step - 1)),
-        "samples_per_second": batch_size * steps / max(seconds, 1e-9),
+        **throughput.record(seconds, steps),
         "skipped_images": skipped,
     }
     if not np.isfinite(record["loss"]):

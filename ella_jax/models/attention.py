@@ -1,14 +1,90 @@
 """Attention: the one function every model here calls, and diffusers' `Attention` module.
 
-`jax.nn.dot_product_attention` picks the implementation on TPU (XLA) and NVIDIA GPUs (cuDNN flash
-attention where the shapes and dtype allow it). On the CPU, where XLA would materialise every
-(B, H, T, S) score of the UNet's self-attention, `blocked_attention` runs instead.
+Which implementation runs (`choose_attention`) depends on the kernel path (`ella_jax.kernels`),
+the device, the dtype and the shapes:
+
+- `cpu` kernels: `blocked_attention` always (faster than XLA:CPU's own, BENCHMARKS.md).
+- `accelerator` kernels: cuDNN flash attention (`jax.nn.dot_product_attention(...,
+  implementation="cudnn")`) on NVIDIA GPUs where its limits hold: float16 or bfloat16, a head
+  dim that is a multiple of 8 and at most 128 (256 from Hopper, compute capability 9.0), even
+  lengths when there is a bias or mask. Elsewhere XLA's implementation
+  (`implementation="xla"`, which materialises the (B, H, T, S) scores) for queries shorter than
+  `LONG`, and `blocked_attention`, whose memory does not grow with T x S, from `LONG` on. SD 1.5
+  at 512 px on a Hopper GPU in bfloat16 runs every UNet attention in cuDNN; on an Ampere GPU the
+  head dim 160 of its third level (256 tokens) takes XLA's; in float32, with `upcast`, in the
+  VAE (one head of 512) and on TPUs, attention over 1024 tokens or more is blocked.
+- `reference` kernels: XLA's implementation always (FLOP counting, `ella_jax.flops`).
+
+Dot inputs the backend cannot multiply into float32 are computed in float32 (float16 on CPUs
+and TPUs, bfloat16 on GPUs older than Ampere): XLA's implementation asks for exactly those dot
+algorithms (F16_F16_F32, BF16_BF16_F32), which fail to compile where they are missing.
 """
+
+import math
+from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
+
+from ella_jax.kernels import KernelPath, kernel_path
+
+LONG = 1024  # queries from which the accelerator path never holds the full scores
+CPU_BLOCK = 128  # queries per block on the CPU: a block's scores stay in cache
+Implementation = Literal["cudnn", "xla", "blocked"]
+
+
+def choose_attention(
+    path: KernelPath,
+    platform: str,
+    compute_capability: tuple[int, int] | None,
+    dtype: DTypeLike,
+    head_dim: int,
+    queries: int,
+    keys: int,
+    masked: bool,
+) -> Implementation:
+    """The implementation for one attention call (module docstring). platform: "cpu", "gpu"
+    or "tpu"; compute_capability: an NVIDIA GPU's (major, minor), else None; masked: a bias or
+    key mask is added to the scores."""
+    if path == "reference":
+        return "xla"
+    if path == "cpu":
+        return "blocked"
+    if compute_capability is not None and platform == "gpu":
+        max_head_dim = 256 if compute_capability >= (9, 0) else 128
+        if (
+            jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
+            and head_dim % 8 == 0
+            and head_dim <= max_head_dim
+            and not (masked and (queries % 2 or keys % 2))
+        ):
+            return "cudnn"
+    return "blocked" if queries >= LONG else "xla"
+
+
+def dot_dtype(
+    dtype: DTypeLike, platform: str, compute_capability: tuple[int, int] | None
+) -> jnp.dtype:
+    """The dtype attention's dots take inputs in: `dtype`, or float32 where the backend has no
+    float32-accumulating dot for it (module docstring)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float16 and platform in ("cpu", "tpu"):
+        return jnp.dtype(jnp.float32)
+    if dtype == jnp.bfloat16 and compute_capability is not None and compute_capability < (8, 0):
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def _device() -> tuple[str, tuple[int, int] | None]:
+    """(platform, NVIDIA compute capability or None) of the default device."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if not capability or "cuda" not in device.client.platform_version.lower():
+        return device.platform, None
+    major, minor = (int(part) for part in str(capability).split(".")[:2])
+    return device.platform, (major, minor)
 
 
 def dot_product_attention(
@@ -23,18 +99,38 @@ def dot_product_attention(
 
     query (B, T, H, D); key, value (B, S, H, D); key_mask (B, S) bool, True where a key may be
     attended; bias broadcastable to (B, H, T, S); scale defaults to 1/sqrt(D).
-    Returns (B, T, H, D).
+    Returns (B, T, H, D) in query's dtype.
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
     dtype = query.dtype
-    if jax.default_backend() != "cpu":
-        out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale)
-        return out.astype(dtype)
-    if dtype == jnp.float16:
-        # XLA:CPU has no float16 dot with float32 accumulation, which the attention asks for.
-        query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
-        bias = None if bias is None else bias.astype(jnp.float32)
-    return blocked_attention(query, key, value, mask, bias, scale).astype(dtype)
+    batch, queries, _, dim = query.shape
+    keys = key.shape[1]
+    path, (platform, capability) = kernel_path(), _device()
+    masked = key_mask is not None or bias is not None
+    implementation = choose_attention(path, platform, capability, dtype, dim, queries, keys, masked)
+    compute = dot_dtype(dtype, platform, capability)
+    query, key, value = (t.astype(compute) for t in (query, key, value))
+    bias = None if bias is None else bias.astype(compute)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if implementation == "blocked":
+        if path == "cpu":  # one block below 4 blocks' worth: the loop costs more
+            block = CPU_BLOCK if queries >= 4 * CPU_BLOCK else queries
+        else:
+            block = accelerator_block(keys)
+        out = blocked_attention(query, key, value, mask, bias, scale, block)
+    else:
+        if implementation == "cudnn" and mask is not None:
+            # cuDNN takes a mask as a bias of the scores' full (T, S) extent.
+            mask = jnp.broadcast_to(mask, (batch, 1, queries, keys))
+        out = jax.nn.dot_product_attention(
+            query, key, value, bias=bias, mask=mask, scale=scale, implementation=implementation
+        )
+    return out.astype(dtype)
+
+
+def accelerator_block(keys: int) -> int:
+    """Queries per block of the accelerator's blocked attention: a power of two in
+    [128, LONG / 2] with block * keys <= 2**20 (4 MiB of float32 scores per image and head)."""
+    return max(128, min(LONG // 2, 2 ** int(math.log2(max(2**20 // keys, 1)))))
 
 
 @jax.named_scope("blocked_attention")  # names its ops in profiles
@@ -45,12 +141,13 @@ def blocked_attention(
     mask: jnp.ndarray | None,
     bias: jnp.ndarray | None,
     scale: float | None,
-    block: int = 128,
+    block: int,
 ) -> jnp.ndarray:
-    """`dot_product_attention` for the CPU: heads-first matmuls, the softmax normalised after
-    the product with the values, and for T >= 4 * block a `lax.map` over blocks of `block`
-    queries, so that a block's scores (B, H, block, S) stay in cache. mask, bias broadcastable
-    to (B, H, T, S). 1.2x on SD 1.5's UNet at 256 px (BENCHMARKS.md)."""
+    """`dot_product_attention` as heads-first matmuls with the softmax normalised after the
+    product with the values; for T > block, a `lax.map` over blocks of `block` queries (the
+    last one padded), each rematerialised in the backward pass, so that only one block's scores
+    (B, H, block, S) exist at a time, forward or backward. mask, bias broadcastable to
+    (B, H, T, S)."""
     batch, length, heads, dim = query.shape
     scale = dim**-0.5 if scale is None else scale
     q = jnp.swapaxes(query * jnp.asarray(scale, query.dtype), 1, 2)  # (B, H, T, D)
@@ -67,12 +164,21 @@ def blocked_attention(
         out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return out / weights.sum(-1, keepdims=True)
 
-    if bias is not None or length < 4 * block or length % block:
-        out = attend(q, bias)
-    else:
-        blocks = jnp.moveaxis(q.reshape(batch, heads, length // block, block, dim), 2, 0)
-        out = jax.lax.map(lambda q_block: attend(q_block, None), blocks)
-        out = jnp.moveaxis(out, 0, 2).reshape(batch, heads, length, dim)
+    if length <= block:
+        return jnp.swapaxes(attend(q, bias), 1, 2)
+    count = -(-length // block)
+    pad = count * block - length
+
+    def blocks(t: jnp.ndarray) -> jnp.ndarray:  # (..., T, X) -> (count, ..., block, X)
+        t = jnp.pad(t, [(0, 0)] * (t.ndim - 2) + [(0, pad), (0, 0)])
+        return jnp.moveaxis(t.reshape(*t.shape[:-2], count, block, t.shape[-1]), -3, 0)
+
+    per_query_bias = bias is not None and bias.shape[-2] == length
+    body = jax.checkpoint(
+        lambda xs: attend(xs[0], xs[1] if per_query_bias else bias), prevent_cse=False
+    )
+    out = jax.lax.map(body, (blocks(q), blocks(bias) if per_query_bias else None))
+    out = jnp.moveaxis(out, 0, -3).reshape(batch, heads, count * block, dim)[:, :, :length]
     return jnp.swapaxes(out, 1, 2)
 
 

@@ -1,9 +1,10 @@
 """diffusers' ResNet block and resamplers (NHWC), shared by the UNet and the VAE."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
+
+from ella_jax.kernels import kernel_path
 
 
 class PatchConv(nn.Module):
@@ -47,12 +48,12 @@ def conv(
 ) -> nn.Module:
     """A square convolution with PyTorch's symmetric padding (default: kernel // 2).
 
-    im2col: on the CPU, a `PatchConv`. XLA:CPU runs the UNet's 3x3 convolutions slower than the
-    matmul over their patches (BENCHMARKS.md); the patches take kernel**2 times the input's
-    memory, so the VAE, at image resolution, keeps `nn.Conv`.
+    im2col: a `PatchConv` with the `cpu` kernels (`ella_jax.kernels`). XLA:CPU runs the UNet's
+    3x3 convolutions slower than the matmul over their patches (BENCHMARKS.md); the patches
+    take kernel**2 times the input's memory, so the VAE, at image resolution, keeps `nn.Conv`.
     """
     pad = kernel // 2 if padding is None else padding
-    if im2col and kernel > 1 and jax.default_backend() == "cpu":
+    if im2col and kernel > 1 and kernel_path() == "cpu":
         return PatchConv(features, kernel, stride, pad, name=name, **kw)
     return nn.Conv(
         features,

@@ -43,6 +43,14 @@ SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _layers(remat: bool) -> tuple[type[nn.Module], type[nn.Module]]:
+    """ResnetBlock2D and Transformer2DModel; with `remat`, each keeps only its inputs for the
+    backward pass and recomputes the rest there (as diffusers' gradient checkpointing)."""
+    if remat:
+        return nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)
+    return ResnetBlock2D, Transformer2DModel
+
+
 def _per_block(value: Any, blocks: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * blocks
 
@@ -115,6 +123,7 @@ class UNetBlock(nn.Module):
     only_cross_attention: bool
     config: UNetConfig
     resample: str | None  # "down", "up" or None
+    remat: bool = False  # see `_layers`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -129,11 +138,12 @@ class UNetBlock(nn.Module):
         """x (B, H, W, C), temb (B, T), context (B, S, D); `skips` (up blocks) are concatenated
         to the input of each ResNet, last first. -> (output, outputs for later skips)."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block, transformer = _layers(self.remat)
         skips, outputs = list(skips), []
         for j in range(self.num_layers):
             if skips:
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock2D(
+            x = resnet_block(
                 self.out_channels,
                 c.norm_num_groups,
                 c.norm_eps,
@@ -142,7 +152,7 @@ class UNetBlock(nn.Module):
                 **kw,
             )(x, temb)
             if self.cross:
-                x = Transformer2DModel(
+                x = transformer(
                     self.heads,
                     self.out_channels // self.heads,
                     self.transformer_layers,
@@ -168,6 +178,7 @@ class UNetMidBlock(nn.Module):
     """ResNet, spatial transformer, ResNet at the lowest resolution."""
 
     config: UNetConfig
+    remat: bool = False  # see `_layers`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -175,11 +186,12 @@ class UNetMidBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels, heads = c.block_out_channels[-1], c.heads[-1]
-        resnet = lambda name: ResnetBlock2D(  # noqa: E731
+        resnet_block, transformer = _layers(self.remat)
+        resnet = lambda name: resnet_block(  # noqa: E731
             channels, c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor, True, name=name, **kw
         )
         x = resnet("resnets.0")(x, temb)
-        x = Transformer2DModel(
+        x = transformer(
             heads,
             channels // heads,
             c.transformer_layers_per_block[-1],
@@ -196,9 +208,13 @@ class UNetMidBlock(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """Noisy latents, timestep and text context -> the noise (or v) prediction.
 
-    On the CPU its convolutions run as matmuls over patches (`ella_jax.models.resnet.conv`)."""
+    With the `cpu` kernels its convolutions run as matmuls over patches
+    (`ella_jax.models.resnet.conv`). `remat`: each ResNet and spatial transformer keeps only
+    its inputs for the backward pass and recomputes the rest there (training memory; the same
+    numbers)."""
 
     config: UNetConfig
+    remat: bool = False
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -255,11 +271,12 @@ class UNet2DConditionModel(nn.Module):
                 c.only_cross_attention[i],
                 c,
                 "down" if i < levels - 1 else None,
+                self.remat,
                 name=f"down_blocks.{i}",
                 **kw,
             )(x, temb, context)
             skips += outputs
-        x = UNetMidBlock(c, name="mid_block", **kw)(x, temb, context)
+        x = UNetMidBlock(c, self.remat, name="mid_block", **kw)(x, temb, context)
         for i, block_type in enumerate(c.up_block_types):
             level = levels - 1 - i
             consumed = c.layers_per_block + 1
@@ -272,6 +289,7 @@ class UNet2DConditionModel(nn.Module):
                 c.only_cross_attention[level],
                 c,
                 "up" if level > 0 else None,
+                self.remat,
                 name=f"up_blocks.{i}",
                 **kw,
             )(x, temb, context, skips[-consumed:])

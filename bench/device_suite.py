@@ -1,0 +1,469 @@
+"""The accelerator suite: ELLA's train step, sampler and connector at SD 1.5 / 512 px on one
+device, beside PyTorch + diffusers doing the same work on the same device.
+
+    python -m bench.device_suite --out suite.json           # one H100 / H200: about 8 minutes
+    python -m bench.device_suite --small --out small.json   # the same code, tiny shapes, a CPU
+
+Random weights of the real shapes (`bench.model_configs`: SD 1.5's UNet, the released ELLA),
+bfloat16 compute. Each measurement runs in a process of its own, so that each has a fresh
+peak-memory counter, an out-of-memory error ends only its own row, and PyTorch never shares the
+GPU with JAX's preallocated memory. The rows, under their keys in the JSON:
+
+  train_step        `train.step.make_train_step` on precomputed inputs (VAE latent moments
+  train_step_remat  (B, 64, 64, 4) bfloat16, flan-t5-xl features (B, 128, 2048) float16), ELLA's
+                    float32 master weights, AdamW, EMA; remat "none", then "blocks" (the UNet's
+                    blocks recomputed in the backward). The largest of batch 8/16/32/64 that fits
+                    (predicted from the compiled batch 8, then compiled and run). samples_per_s,
+                    step_seconds (--steps steps after two warm-up ones), flops (model FLOPs per
+                    step, `ella_jax.flops`), mfu (against the chip's dense bfloat16 peak; on a
+                    CPU a measured matmul rate), peak_bytes (`device.memory_stats()` where the
+                    backend has it, else the compiled step's `memory_analysis()`).
+  sampler           `ella_jax.sampling.sample_latents`: 50 DPM-Solver++ steps with CFG, ELLA and
+  sampler_batched   the UNet at every step, batch 1 and 8: seconds_per_image (T5 and the VAE
+                    decode left out, on both sides).
+  connector         ELLA's forward at batch 2, 128 tokens: seconds.
+
+Each row's "torch" holds PyTorch + diffusers doing the same (`bench.device_suite_torch`: SDPA
+attention, bfloat16 autocast; gradient checkpointing for "blocks"; the batch JAX chose), when
+torch and diffusers import (else "skipped"); "error" replaces the figures of a part that failed.
+Prints a markdown table and writes --out. --small runs the same code on `SUITE_SMALL`'s shapes
+with the same keys. Needs jax, flax, optax, safetensors, numpy (torch and diffusers for the
+comparison): nothing of the trainer's data or logging stack, for a bare GPU image.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from argparse import SUPPRESS
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.model_configs import SUITE_FULL, SUITE_SMALL
+
+RESULT = "RESULT "  # a part's last line of output: RESULT {json}
+TRAIN_ROWS = {"train_step": "none", "train_step_remat": "blocks"}  # row: remat
+SAMPLER_ROWS = ("sampler", "sampler_batched")  # at shapes["sample_batches"]
+ROWS = (*TRAIN_ROWS, *SAMPLER_ROWS, "connector")
+
+
+# ----------------------------------------------------------------------------------------------
+# The JAX parts (each runs in its own process).
+
+
+def _jax_setup():
+    import jax
+
+    # The repository's persistent compilation cache: a rerun compiles nothing again.
+    jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parents[1] / ".jax_cache"))
+    return jax
+
+
+def _random_params(module, *example, seed: int, scale: float = 0.02):
+    """The module's parameters, normal(0, scale) in their declared dtypes, made on the device
+    (shapes from `jax.eval_shape`: nothing of the model is computed)."""
+    import jax
+
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *example)["params"]
+    leaves, tree = jax.tree.flatten(shapes)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        drawn = [
+            (scale * jax.random.normal(k, s.shape)).astype(s.dtype)
+            for k, s in zip(keys, leaves, strict=True)
+        ]
+        return jax.tree.unflatten(tree, drawn)
+
+    return make(jax.random.key(seed))
+
+
+def _models(shapes: dict, remat: bool = False):
+    import jax.numpy as jnp
+
+    from ella_jax.models.ella import ELLA
+    from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    unet = UNet2DConditionModel(
+        UNetConfig.from_dict(shapes["unet"]), remat=remat, dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )  # fmt: skip
+    ella = ELLA(**shapes["ella"], dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    latent = shapes["resolution"] // 8
+    unet_params = _random_params(
+        unet,
+        jnp.zeros((1, latent, latent, 4)),
+        jnp.zeros((1,)),
+        jnp.zeros((1, 1, ella.width)),
+        seed=1,
+    )
+    ella_params = _random_params(ella, jnp.zeros((1, 1, ella.input_dim)), jnp.zeros((1,)), seed=2)
+    return unet, ella, unet_params, ella_params
+
+
+def _device_info(jax) -> dict:
+    from ella_jax.flops import peak_flops_per_second
+
+    device = jax.devices()[0]
+    peak = peak_flops_per_second(device, "bfloat16")
+    return {
+        "platform": device.platform,
+        "kind": device.device_kind,
+        "jax": jax.__version__,
+        "peak_tflops": None if peak is None else peak / 1e12,
+    }
+
+
+def _footprint(compiled) -> int:
+    """Bytes the compiled function holds at its peak, by XLA's buffer assignment."""
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def _memory(jax) -> tuple[int | None, int | None]:
+    """(bytes limit, peak bytes in use) of the device, None where the backend keeps no stats."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit"), stats.get("peak_bytes_in_use")
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = False) -> dict:
+    jax = _jax_setup()
+    import jax.numpy as jnp
+
+    from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
+    from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
+    from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
+
+    unet, ella, unet_params, ella_params = _models(shapes, remat == "blocks")
+    optimizer, _ = make_optimizer(1e-4, 0, 10**6, "constant", 0.01, 1.0)
+    acp = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(shapes["scheduler"])))
+    step_config = StepConfig("epsilon", 0.18215, 0.0, 0.9999, 0.0, False)
+    models = Models(None, None, unet, ella)
+    train_step = make_train_step(models, optimizer, acp, step_config)
+
+    def fresh_state():  # the EMA its own buffers: the step donates the state
+        state = init_state(ella_params, optimizer, 0)
+        return state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_params))
+
+    state = fresh_state()
+    frozen = {"unet": unet_params}
+    latent, tokens = shapes["resolution"] // 8, shapes["tokens"]
+
+    def batch(size: int, abstract: bool = False) -> dict:
+        shapes_dtypes = {
+            "latent_mean": ((size, latent, latent, 4), jnp.bfloat16),
+            "latent_logvar": ((size, latent, latent, 4), jnp.bfloat16),
+            "t5_features": ((size, tokens, ella.input_dim), jnp.float16),
+            "token_mask": ((size, tokens), jnp.bool_),
+            "valid": ((size,), jnp.bool_),
+        }
+        if abstract:
+            return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes_dtypes.items()}
+        key = jax.random.key(3)
+        made = {k: jax.random.normal(key, s).astype(d) for k, (s, d) in shapes_dtypes.items()}
+        made.update(token_mask=jnp.ones((size, tokens), bool), valid=jnp.ones((size,), bool))
+        return made
+
+    step = jax.jit(train_step, donate_argnums=0)
+
+    def compile_for(size: int):
+        return step.lower(state, frozen, batch(size, abstract=True)).compile()
+
+    candidates = sorted(shapes["train_batches"])
+    if compile_only:  # XLA's buffer assignment for each batch: memory without a device
+        footprints = {size: _footprint(compile_for(size)) for size in candidates}
+        first, last = candidates[0], candidates[-1]
+        return {
+            "remat": remat,
+            "compiled_bytes": footprints,
+            "bytes_per_sample": (footprints[last] - footprints[first]) / max(last - first, 1),
+            "device": _device_info(jax),
+        }
+    # The largest batch that fits: predicted from the smallest one's buffers, then checked.
+    limit, _ = _memory(jax)
+    if limit is None:
+        fitting = candidates
+    else:
+        probe = compile_for(candidates[0])
+        per_sample = probe.memory_analysis().temp_size_in_bytes / candidates[0]
+        fixed = _footprint(probe) - per_sample * candidates[0]
+        fitting = [b for b in candidates if fixed + per_sample * b <= 0.92 * limit]
+        fitting = fitting or candidates[:1]
+    for size in reversed(fitting):
+        try:
+            compiled = compile_for(size)
+            inputs, state = batch(size), fresh_state()
+            for _ in range(2):
+                state, metrics = compiled(state, frozen, inputs)
+            jax.block_until_ready(metrics)
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = compiled(state, frozen, inputs)
+            jax.block_until_ready(metrics)
+            seconds = (time.perf_counter() - start) / steps
+            break
+        except Exception as e:  # an out-of-memory one tries the next smaller batch
+            if not _out_of_memory(e) or size == fitting[0]:
+                raise
+            print(f"batch {size} does not fit: {str(e).splitlines()[0]}", file=sys.stderr)
+    modelled = make_train_step(Models(None, None, unet.clone(remat=False), ella), optimizer,
+                               acp, step_config)  # fmt: skip
+    flops = model_flops(modelled, state, frozen, batch(size, abstract=True))
+    peak = peak_flops_per_second(jax.devices()[0], "bfloat16")
+    _, peak_in_use = _memory(jax)
+    return {
+        "batch": size,
+        "remat": remat,
+        "samples_per_s": size / seconds,
+        "step_seconds": seconds,
+        "flops": flops,
+        "mfu": utilisation(flops, seconds, 1, peak)["mfu"],
+        "peak_bytes": peak_in_use if peak_in_use is not None else _footprint(compiled),
+        "compiled_bytes": _footprint(compiled),
+        "loss": float(metrics["loss"]),
+        "device": _device_info(jax),
+    }
+
+
+def _median_seconds(function: Callable[..., Any], *args: Any, repeats: int) -> float:
+    """Median seconds of `function(*args)` to its last output, after a warm-up call."""
+    import jax
+
+    jax.block_until_ready(function(*args))  # and compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(function(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_inference(shapes: dict) -> dict:
+    """The sampler at each of shapes["sample_batches"], then the connector: their rows."""
+    jax = _jax_setup()
+    import jax.numpy as jnp
+
+    from ella_jax.sampling import TextConditioning, sample_latents
+    from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
+
+    unet, ella, unet_params, ella_params = _models(shapes)
+    schedule = make_schedule(SchedulerConfig.from_dict(shapes["scheduler"]), shapes["sample_steps"])
+    latent, tokens = shapes["resolution"] // 8, shapes["tokens"]
+    params = {"unet": unet_params, "ella": ella_params}
+
+    @jax.jit
+    def sample(params, latents, cond, uncond):
+        return sample_latents(unet, ella, params, schedule, "epsilon", latents, cond, uncond, 7.5)
+
+    rows = {}
+    for name, batch in zip(SAMPLER_ROWS, shapes["sample_batches"], strict=True):
+        key_cond, key_uncond, key_latents = jax.random.split(jax.random.key(batch), 3)
+        mask = jnp.ones((batch, tokens), bool)
+        features = (batch, tokens, ella.input_dim)
+        cond = TextConditioning(jax.random.normal(key_cond, features, jnp.float16), mask)
+        uncond = TextConditioning(jax.random.normal(key_uncond, features, jnp.float16), mask)
+        noise = jax.random.normal(key_latents, (batch, latent, latent, 4))
+        latents = initial_latents(schedule, noise)
+        seconds = _median_seconds(sample, params, latents, cond, uncond, repeats=2)
+        rows[name] = {
+            "batch": batch,
+            "steps": shapes["sample_steps"],
+            "seconds_per_image": seconds / batch,
+        }
+
+    features = jax.random.normal(jax.random.key(5), (2, tokens, ella.input_dim), jnp.float16)
+    timesteps = jnp.array([999.0, 250.0])
+    forward = jax.jit(lambda p, f, t: ella.apply({"params": p}, f, t))
+    seconds = _median_seconds(forward, ella_params, features, timesteps, repeats=50)
+    rows["connector"] = {"batch": 2, "tokens": tokens, "seconds": seconds}
+    return {**rows, "device": _device_info(jax)}
+
+
+def run_part(args: argparse.Namespace, shapes: dict) -> dict:
+    """One process's part of the suite (--part)."""
+    if args.part == "train_step":
+        return jax_train_step(shapes, args.remat, args.steps, args.compile_only)
+    if args.part == "inference":
+        return jax_inference(shapes)
+    from bench.device_suite_torch import torch_rows
+
+    return torch_rows(shapes, json.loads(args.torch_batches), args.steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The suite: each part in a child process, then the table and the JSON.
+
+
+def _child(args: argparse.Namespace, part: str, *extra: str) -> dict:
+    """Runs one part in a fresh process: its result, or {"error": ...}."""
+    command = [sys.executable, "-m", "bench.device_suite", "--part", part, *extra]
+    command += ["--steps", str(args.steps)]
+    command += ["--small"] * args.small + ["--compile-only"] * args.compile_only
+    if args.batches:
+        command += ["--batches", ",".join(map(str, args.batches))]
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # JAX: most of the GPU, not 75%
+    print(f"running {part} {' '.join(extra)} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=args.part_timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.part_timeout} s"}
+    results = [line[len(RESULT) :] for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not results:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"  failed: {tail}", file=sys.stderr)
+        return {"error": tail[-500:]}
+    print(f"  done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return json.loads(results[-1])
+
+
+def _torch_available() -> bool:
+    return all(importlib.util.find_spec(name) for name in ("torch", "diffusers"))
+
+
+def run_suite(args: argparse.Namespace) -> dict:
+    """The JAX processes (one per train row, one for the inference rows), then one PyTorch
+    process for every row at the batches JAX chose."""
+    results: dict[str, Any] = {"shapes": "small" if args.small else "sd15-512px"}
+    devices = []
+    for name, remat in TRAIN_ROWS.items():
+        results[name] = _child(args, "train_step", "--remat", remat)
+        devices.append(results[name].pop("device", None))
+    if not args.compile_only:
+        inference = _child(args, "inference")
+        devices.append(inference.pop("device", None))
+        for name in (*SAMPLER_ROWS, "connector"):
+            results[name] = inference.get(name, inference)
+    results["device"] = next((device for device in devices if device), None)
+    rows = [name for name in ROWS if name in results]
+    if args.compile_only or args.no_torch or not _torch_available():
+        for name in rows:
+            results[name]["torch"] = {"skipped": "no PyTorch row (--no-torch, --compile-only, "
+                                      "or torch / diffusers not importable)"}  # fmt: skip
+        return results
+    batches = {name: results[name].get("batch") for name in TRAIN_ROWS}
+    torch_results = _child(args, "torch", "--torch-batches", json.dumps(batches))
+    for name in rows:
+        results[name]["torch"] = torch_results.get(name, torch_results)
+    return results
+
+
+def _speedup(ours: float | None, theirs: float | None, higher_is_better: bool) -> str:
+    if not ours or not theirs:
+        return ""
+    return f"{(ours / theirs if higher_is_better else theirs / ours):.2f}x"
+
+
+def table(results: dict) -> str:
+    """The results as a markdown table: JAX, PyTorch + diffusers, and JAX's speed-up."""
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b else "?"  # noqa: E731
+
+    def describe(row: dict, part: str) -> tuple[str, float | None, bool]:
+        if "error" in row or "skipped" in row:
+            return row.get("error") or row["skipped"], None, True
+        if part == "train_step" and "samples_per_s" not in row:  # --compile-only
+            sizes = ", ".join(f"batch {b}: {gib(v)}" for b, v in row["compiled_bytes"].items())
+            return f"compiled {sizes}; {gib(row['bytes_per_sample'])} a sample", None, True
+        if part == "train_step":
+            mfu = f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else ""
+            peak = f", peak {gib(row.get('peak_bytes'))}" if row.get("peak_bytes") else ""
+            text = f"{row['samples_per_s']:.2f} samples/s, {row['step_seconds']:.3f} s/step{mfu}"
+            return text + peak, row["samples_per_s"], True
+        if part == "sampler":
+            return f"{row['seconds_per_image']:.3f} s/image", row["seconds_per_image"], False
+        return f"{1e3 * row['seconds']:.2f} ms", row["seconds"], False
+
+    device = results.get("device") or {}
+    lines = [
+        f"{device.get('kind', '?')} ({device.get('platform', '?')}, jax {device.get('jax', '?')}),"
+        f" shapes {results['shapes']}",
+        "",
+        "| row | JAX | PyTorch + diffusers | JAX speed-up |",
+        "| --- | --- | --- | ---: |",
+    ]
+    for name in ROWS:
+        row = results.get(name)
+        if row is None:
+            continue
+        part = "train_step" if name.startswith("train") else name.split("_")[0]
+        ours, our_value, higher = describe(row, part)
+        theirs, their_value, _ = describe(row.get("torch", {"skipped": "-"}), part)
+        setting = {
+            "train_step": f"remat {row.get('remat', '?')}, batch {row.get('batch', '?')}",
+            "sampler": f"{row.get('steps', '?')} steps, batch {row.get('batch', '?')}",
+            "connector": f"batch {row.get('batch', '?')}, {row.get('tokens', '?')} tokens",
+        }[part]
+        speedup = _speedup(our_value, their_value, higher)
+        lines.append(f"| {part} ({setting}) | {ours} | {theirs} | {speedup} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.device_suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, help="write the results here (JSON)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU, a test)")
+    parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch + diffusers")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="train-step rows only, compiled at each batch size and not run: XLA's memory "
+        "footprint per batch (any backend, no accelerator needed)",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed train steps per row")
+    parser.add_argument(
+        "--batches",
+        type=lambda text: tuple(int(b) for b in text.split(",")),
+        default=None,
+        help="train batch sizes to try, comma-separated (default 8,16,32,64; --small 2,4)",
+    )
+    parser.add_argument(
+        "--part-timeout", type=int, default=600, help="seconds before a part is stopped"
+    )
+    # One process's part of the suite (run_suite starts them).
+    parser.add_argument("--part", choices=("train_step", "inference", "torch"), help=SUPPRESS)
+    parser.add_argument("--remat", default="none", help=SUPPRESS)
+    parser.add_argument("--torch-batches", default="{}", help=SUPPRESS)
+    args = parser.parse_args(argv)
+    shapes = dict(SUITE_SMALL if args.small else SUITE_FULL)
+    shapes["train_batches"] = args.batches or shapes["train_batches"]
+    args.steps = args.steps or shapes["train_steps"]
+
+    if args.part:
+        result = run_part(args, shapes)
+        print(RESULT + json.dumps(result), flush=True)
+        return 0
+    results = run_suite(args)
+    print(table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The backbones' real configs, as their `config.json` files hold them (SD 1.5's UNet and VAE,
+flan-t5-xl's encoder), for the benchmarks that build them with random weights; no torch needed."""
+
+SD15_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "use_linear_projection": False,
+}
+FLAN_T5_XL = {
+    "d_model": 2048,
+    "d_ff": 5120,
+    "d_kv": 64,
+    "num_heads": 32,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "is_encoder_decoder": False,
+    "use_cache": False,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+# SD 1.5's scheduler (as in stable-diffusion-v1-5/scheduler, DPM-Solver++ as ELLA samples).
+SD15_SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+}
+# The released ELLA (ella-sd1.5-tsc-t5xl): `ella_jax.ELLA`'s defaults, `bench.torch_ella`'s.
+ELLA_SD15 = dict(
+    time_channel=320,
+    time_embed_dim=768,
+    width=768,
+    layers=6,
+    heads=8,
+    num_latents=64,
+    input_dim=2048,
+)
+
+# The device suite's shapes (bench.device_suite): SD 1.5 at 512 px, and tiny ones for a CPU.
+SUITE_FULL = dict(
+    unet=SD15_UNET,
+    ella=ELLA_SD15,
+    scheduler=SD15_SCHEDULER,
+    resolution=512,
+    tokens=128,
+    train_batches=(8, 16, 32, 64),
+    train_steps=10,
+    sample_batches=(1, 8),
+    sample_steps=50,
+)
+SUITE_SMALL = dict(
+    unet={
+        **SD15_UNET,
+        "sample_size": 8,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "attention_head_dim": 4,
+        "cross_attention_dim": 64,
+        "norm_num_groups": 8,
+    },
+    ella=dict(
+        time_channel=32,
+        time_embed_dim=64,
+        width=64,
+        layers=2,
+        heads=4,
+        num_latents=16,
+        input_dim=96,
+    ),
+    scheduler=SD15_SCHEDULER,
+    resolution=64,
+    tokens=16,
+    train_batches=(2, 4),
+    train_steps=3,
+    sample_batches=(1, 2),
+    sample_steps=4,
+)
