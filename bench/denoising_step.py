@@ -25,8 +25,8 @@ guided noise and next latents; all must be < 1e-4, else exit 1), then the median
 the fastest call. The JAX and PyTorch calls are interleaved, one of each per round, so that load
 from other work hits both; 'other' says how many cores other processes took meanwhile (from
 /proc/stat): PyTorch's OpenMP threads slow down many times over when another process takes a
-core, XLA's much less, so compare runs with 'other' near 0. XLA's FLOP count of the function
-(`ella_jax.flops.model_flops`: the plain formulation) gives the GFLOP/s of both.
+core, XLA's much less, so compare runs with 'other' near 0. The step's model FLOPs
+(`ella_jax.flops.model_flops`: its matmuls and convolutions) give the GFLOP/s of both.
 
 `--profile` (automatic when the JAX step is slower) profiles a few steps on each side: JAX with
 `jax.profiler.trace` (the trace's XLA op events, matched to the optimized HLO's instructions),
@@ -604,7 +604,7 @@ def main() -> None:
         compiled[name], seconds = compile_timed(function, params, *j_in[name])
         flops[name] = model_flops(function, params, *j_in[name])
         print(
-            f"compiled JAX {name} in {seconds:.0f} s: XLA counts {flops[name] / 1e9:.1f} GFLOP",
+            f"compiled JAX {name} in {seconds:.0f} s: {flops[name] / 1e9:.1f} GFLOP (model FLOPs)",
             flush=True,
         )
     torch_fn = torch_functions(torch_unet, torch_ella)

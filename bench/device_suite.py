@@ -5,14 +5,16 @@ device, beside PyTorch + diffusers doing the same work on the same device.
     python -m bench.device_suite --small --out small.json   # the same code, tiny shapes, a CPU
 
 Random weights of the real shapes (`bench.model_configs`: SD 1.5's UNet, the released ELLA),
-bfloat16 compute. Each measurement runs in a process of its own, so that each has a fresh
-peak-memory counter, an out-of-memory error ends only its own row, and PyTorch never shares the
-GPU with JAX's preallocated memory. The rows, under their keys in the JSON:
+bfloat16 compute. Four processes: one for each train row (a fresh peak-memory counter each; an
+out-of-memory error at a batch size tries the next smaller one), one for the inference rows, and
+one for the PyTorch rows (which never share the GPU with JAX's preallocated memory). The rows,
+under their keys in the JSON:
 
   train_step        `train.step.make_train_step` on precomputed inputs (VAE latent moments
   train_step_remat  (B, 64, 64, 4) bfloat16, flan-t5-xl features (B, 128, 2048) float16), ELLA's
                     float32 master weights, AdamW, EMA; remat "none", then "blocks" (the UNet's
-                    blocks recomputed in the backward). The largest of batch 8/16/32/64 that fits
+                    ResNets and transformers recomputed in the backward). The largest of batch
+                    8/16/32/64 that fits
                     (predicted from the compiled batch 8, then compiled and run). samples_per_s,
                     step_seconds (--steps steps after two warm-up ones), flops (model FLOPs per
                     step, `ella_jax.flops`), mfu (against the chip's dense bfloat16 peak; on a
@@ -25,7 +27,8 @@ GPU with JAX's preallocated memory. The rows, under their keys in the JSON:
 
 Each row's "torch" holds PyTorch + diffusers doing the same (`bench.device_suite_torch`: SDPA
 attention, bfloat16 autocast; gradient checkpointing for "blocks"; the batch JAX chose), when
-torch and diffusers import (else "skipped"); "error" replaces the figures of a part that failed.
+torch and diffusers import and, where JAX ran on a GPU, torch has CUDA (else "skipped"); "error"
+replaces the figures of a row that failed.
 Prints a markdown table and writes --out. --small runs the same code on `SUITE_SMALL`'s shapes
 with the same keys. Needs jax, flax, optax, safetensors, numpy (torch and diffusers for the
 comparison): nothing of the trainer's data or logging stack, for a bare GPU image.
@@ -35,7 +38,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.model_configs import SUITE_FULL, SUITE_SMALL
+from bench.timing import median_seconds
 
 RESULT = "RESULT "  # a part's last line of output: RESULT {json}
 TRAIN_ROWS = {"train_step": "none", "train_step_remat": "blocks"}  # row: remat
@@ -156,11 +159,10 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
     models = Models(None, None, unet, ella)
     train_step = make_train_step(models, optimizer, acp, step_config)
 
-    def fresh_state():  # the EMA its own buffers: the step donates the state
-        state = init_state(ella_params, optimizer, 0)
-        return state.replace(ema_params=jax.tree.map(jnp.copy, state.ema_params))
+    def fresh_state():  # buffers of its own: the step donates them, a retry needs the params
+        return jax.tree.map(jnp.copy, init_state(ella_params, optimizer, 0))
 
-    state = fresh_state()
+    state = jax.eval_shape(fresh_state)
     frozen = {"unet": unet_params}
     latent, tokens = shapes["resolution"] // 8, shapes["tokens"]
 
@@ -194,6 +196,19 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
             "bytes_per_sample": (footprints[last] - footprints[first]) / max(last - first, 1),
             "device": _device_info(jax),
         }
+
+    def timed(size: int) -> tuple[float, Any, dict]:
+        """(seconds a step after two warm-up steps, the compiled step, the last metrics)."""
+        compiled, state, inputs = compile_for(size), fresh_state(), batch(size)
+        for _ in range(2):
+            state, metrics = compiled(state, frozen, inputs)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, frozen, inputs)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - start) / steps, compiled, metrics
+
     # The largest batch that fits: predicted from the smallest one's buffers, then checked.
     limit, _ = _memory(jax)
     if limit is None:
@@ -204,23 +219,7 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
         fixed = _footprint(probe) - per_sample * candidates[0]
         fitting = [b for b in candidates if fixed + per_sample * b <= 0.92 * limit]
         fitting = fitting or candidates[:1]
-    for size in reversed(fitting):
-        try:
-            compiled = compile_for(size)
-            inputs, state = batch(size), fresh_state()
-            for _ in range(2):
-                state, metrics = compiled(state, frozen, inputs)
-            jax.block_until_ready(metrics)
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = compiled(state, frozen, inputs)
-            jax.block_until_ready(metrics)
-            seconds = (time.perf_counter() - start) / steps
-            break
-        except Exception as e:  # an out-of-memory one tries the next smaller batch
-            if not _out_of_memory(e) or size == fitting[0]:
-                raise
-            print(f"batch {size} does not fit: {str(e).splitlines()[0]}", file=sys.stderr)
+    size, (seconds, compiled, metrics) = _largest_that_runs(fitting, timed)
     modelled = make_train_step(Models(None, None, unet.clone(remat=False), ella), optimizer,
                                acp, step_config)  # fmt: skip
     flops = model_flops(modelled, state, frozen, batch(size, abstract=True))
@@ -240,17 +239,22 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
     }
 
 
+def _largest_that_runs(sizes: list[int], run: Callable[[int], Any]) -> tuple[int, Any]:
+    """(size, run(size)) for the largest of `sizes` whose run does not run out of memory."""
+    for size in sorted(sizes, reverse=True):
+        try:
+            return size, run(size)
+        except Exception as e:
+            if not _out_of_memory(e) or size == min(sizes):
+                raise
+            print(f"batch {size} does not fit: {str(e).splitlines()[0]}", file=sys.stderr)
+    raise ValueError("no batch size to try")
+
+
 def _median_seconds(function: Callable[..., Any], *args: Any, repeats: int) -> float:
-    """Median seconds of `function(*args)` to its last output, after a warm-up call."""
     import jax
 
-    jax.block_until_ready(function(*args))  # and compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(function(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: jax.block_until_ready(function(*args)), repeats)
 
 
 def jax_inference(shapes: dict) -> dict:
@@ -302,7 +306,7 @@ def run_part(args: argparse.Namespace, shapes: dict) -> dict:
         return jax_inference(shapes)
     from bench.device_suite_torch import torch_rows
 
-    return torch_rows(shapes, json.loads(args.torch_batches), args.steps)
+    return torch_rows(shapes, json.loads(args.torch_batches), args.steps, args.jax_platform)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +355,7 @@ def run_suite(args: argparse.Namespace) -> dict:
         inference = _child(args, "inference")
         devices.append(inference.pop("device", None))
         for name in (*SAMPLER_ROWS, "connector"):
-            results[name] = inference.get(name, inference)
+            results[name] = dict(inference.get(name, inference))
     results["device"] = next((device for device in devices if device), None)
     rows = [name for name in ROWS if name in results]
     if args.compile_only or args.no_torch or not _torch_available():
@@ -360,9 +364,13 @@ def run_suite(args: argparse.Namespace) -> dict:
                                       "or torch / diffusers not importable)"}  # fmt: skip
         return results
     batches = {name: results[name].get("batch") for name in TRAIN_ROWS}
-    torch_results = _child(args, "torch", "--torch-batches", json.dumps(batches))
+    platform = (results["device"] or {}).get("platform", "")
+    torch_results = _child(
+        args, "torch", "--torch-batches", json.dumps(batches), "--jax-platform", platform
+    )
+    results["torch_device"] = torch_results.pop("device", None)
     for name in rows:
-        results[name]["torch"] = torch_results.get(name, torch_results)
+        results[name]["torch"] = dict(torch_results.get(name, torch_results))
     return results
 
 
@@ -391,10 +399,11 @@ def table(results: dict) -> str:
             return f"{row['seconds_per_image']:.3f} s/image", row["seconds_per_image"], False
         return f"{1e3 * row['seconds']:.2f} ms", row["seconds"], False
 
-    device = results.get("device") or {}
+    device, torch_device = results.get("device") or {}, results.get("torch_device") or {}
     lines = [
-        f"{device.get('kind', '?')} ({device.get('platform', '?')}, jax {device.get('jax', '?')}),"
-        f" shapes {results['shapes']}",
+        f"JAX on {device.get('kind', '?')} ({device.get('platform', '?')}, jax "
+        f"{device.get('jax', '?')}); PyTorch on {torch_device.get('kind', '-')} (torch "
+        f"{torch_device.get('torch', '-')}); shapes {results['shapes']}",
         "",
         "| row | JAX | PyTorch + diffusers | JAX speed-up |",
         "| --- | --- | --- | ---: |",
@@ -445,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("train_step", "inference", "torch"), help=SUPPRESS)
     parser.add_argument("--remat", default="none", help=SUPPRESS)
     parser.add_argument("--torch-batches", default="{}", help=SUPPRESS)
+    parser.add_argument("--jax-platform", default="", help=SUPPRESS)
     args = parser.parse_args(argv)
     shapes = dict(SUITE_SMALL if args.small else SUITE_FULL)
     shapes["train_batches"] = args.batches or shapes["train_batches"]

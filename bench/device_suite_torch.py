@@ -8,7 +8,6 @@ checkpointing for remat "blocks"; sampling with `DPMSolverMultistepScheduler`. N
 diffusers.
 """
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
+from bench.timing import median_seconds
 from bench.torch_ella import TorchELLA
 
 SCALING_FACTOR = 0.18215
@@ -45,15 +45,7 @@ def _models(shapes: dict, device: torch.device) -> tuple[UNet2DConditionModel, T
 
 
 def _median_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    run()  # warm-up
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: (run(), _sync(device)), repeats)
 
 
 def torch_train_step(shapes: dict, remat: str, batch: int, steps: int) -> dict:
@@ -107,7 +99,6 @@ def torch_train_step(shapes: dict, remat: str, batch: int, steps: int) -> dict:
         "step_seconds": seconds,
         "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "loss": float(loss),
-        "device": _device_info(device),
     }
 
 
@@ -142,7 +133,6 @@ def torch_sampler(shapes: dict, batch: int) -> dict:
         "batch": batch,
         "steps": shapes["sample_steps"],
         "seconds_per_image": seconds / batch,
-        "device": _device_info(device),
     }
 
 
@@ -163,14 +153,20 @@ def torch_connector(shapes: dict, batch: int) -> dict:
         "batch": batch,
         "tokens": shapes["tokens"],
         "seconds": seconds,
-        "device": _device_info(device),
     }
 
 
-def torch_rows(shapes: dict, train_batches: dict[str, int | None], steps: int) -> dict:
-    """Every row of the suite, each its own result or {"error": ...}: the train rows at the
-    batches JAX chose (`train_batches`, by row name; None: no JAX batch, no row)."""
+def torch_rows(
+    shapes: dict, train_batches: dict[str, int | None], steps: int, jax_platform: str
+) -> dict:
+    """Every row of the suite, each its own result or {"error": ...}, and "device": the train
+    rows at the batches JAX chose (`train_batches`, by row name; None: no JAX batch, no row).
+    Where JAX ran on a GPU and this torch has no CUDA, every row is skipped."""
     device = _device()
+    names = ("train_step", "train_step_remat", "sampler", "sampler_batched", "connector")
+    if jax_platform == "gpu" and device.type != "cuda":
+        skipped = {"skipped": f"torch {torch.__version__} has no CUDA; JAX ran on the GPU"}
+        return {**dict.fromkeys(names, skipped), "device": _device_info(device)}
     runs = {
         "train_step": lambda: torch_train_step(shapes, "none", train_batches["train_step"], steps),
         "train_step_remat": lambda: torch_train_step(
@@ -184,7 +180,7 @@ def torch_rows(shapes: dict, train_batches: dict[str, int | None], steps: int) -
         },
         "connector": lambda: torch_connector(shapes, 2),
     }
-    rows = {}
+    rows: dict = {"device": _device_info(device)}
     for name, run in runs.items():
         if name in train_batches and train_batches[name] is None:
             rows[name] = {"skipped": "the JAX row did not run"}

@@ -8,28 +8,16 @@ and the ratio. Needs the test extra (torch, diffusers).
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench.timing import median_seconds
 from bench.torch_ella import TorchELLA
 from ella_jax import ELLA
 from ella_jax.weights.naming import params_to_torch
-
-
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm up (and compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -54,7 +42,7 @@ def main() -> None:
     jax_features, jax_timesteps = jnp.asarray(features), jnp.asarray(timesteps)
     compiled = forward.lower({"params": params}, jax_features, jax_timesteps).compile()
     gflop = compiled.cost_analysis()["flops"] / 1e9
-    jax_ms = median_ms(
+    jax_ms = 1e3 * median_seconds(
         lambda: forward({"params": params}, jax_features, jax_timesteps).block_until_ready(),
         args.repeats,
     )
@@ -67,7 +55,9 @@ def main() -> None:
     torch_features = torch.from_numpy(features).to(getattr(torch, args.dtype))
     torch_timesteps = torch.from_numpy(timesteps)
     with torch.inference_mode():
-        torch_ms = median_ms(lambda: reference(torch_features, torch_timesteps), args.repeats)
+        torch_ms = 1e3 * median_seconds(
+            lambda: reference(torch_features, torch_timesteps), args.repeats
+        )
 
     print(
         f"ELLA connector, released size, B={args.batch}, {args.tokens} tokens, {args.dtype}, "

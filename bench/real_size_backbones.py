@@ -23,7 +23,6 @@ Needs the test extra (torch, diffusers, transformers).
 
 import argparse
 import gc
-import statistics
 import sys
 import tempfile
 import time
@@ -35,21 +34,11 @@ import numpy as np
 import torch
 
 from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE
+from bench.timing import median_seconds
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.t5 import load_t5_encoder
 
 TOLERANCE = 1e-4
-
-
-def median_s(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `run()` over `repeats` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -100,7 +89,7 @@ def reference_unet(
     )
     with torch.inference_mode():
         expected = reference(*args).sample.numpy().transpose(0, 2, 3, 1).copy()
-        torch_s = median_s(lambda: reference(*args), repeats)
+        torch_s = median_seconds(lambda: reference(*args), repeats)
     reference.save_pretrained(folder, safe_serialization=True)
     return expected, torch_s, count_parameters(reference) / 1e6
 
@@ -122,7 +111,9 @@ def check_unet(repeats: int) -> list[float]:
     compiled = forward.lower({"params": params}, *inputs).compile()
     compile_s = time.perf_counter() - start
     ours = np.asarray(compiled({"params": params}, *inputs))
-    jax_s = median_s(lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats)
+    jax_s = median_seconds(
+        lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats
+    )
     error = relative_error(ours, expected)
     print(
         f"unet  SD 1.5 UNet ({millions:.0f}M), B=2 16x16 latents, 77 tokens: "
@@ -148,7 +139,7 @@ def reference_t5(
     with torch.inference_mode():
         run = lambda: reference(input_ids=ids, attention_mask=attention_mask)  # noqa: E731
         expected = run().last_hidden_state.numpy().copy()
-        torch_s = median_s(run, repeats)
+        torch_s = median_seconds(run, repeats)
     reference.save_pretrained(folder, safe_serialization=True)
     return expected, torch_s, count_parameters(reference) / 1e9
 
@@ -171,7 +162,9 @@ def check_t5(repeats: int) -> list[float]:
     compiled = forward.lower({"params": params}, *inputs).compile()
     compile_s = time.perf_counter() - start
     ours = np.asarray(compiled({"params": params}, *inputs))
-    jax_s = median_s(lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats)
+    jax_s = median_seconds(
+        lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats
+    )
     real_tokens = mask.astype(bool)
     error = relative_error(ours[real_tokens], expected[real_tokens])
     print(
@@ -200,8 +193,8 @@ def reference_vae(
         decoded = nhwc(reference.decode(latents_t).sample)
         dist = reference.encode(images_t).latent_dist
         mean, logvar = nhwc(dist.mean), nhwc(dist.logvar)
-        decode_s = median_s(lambda: reference.decode(latents_t), repeats)
-        encode_s = median_s(lambda: reference.encode(images_t), repeats)
+        decode_s = median_seconds(lambda: reference.decode(latents_t), repeats)
+        encode_s = median_seconds(lambda: reference.encode(images_t), repeats)
     reference.save_pretrained(folder, safe_serialization=True)
     return (decoded, mean, logvar), decode_s, encode_s, count_parameters(reference) / 1e6
 
@@ -225,8 +218,10 @@ def check_vae(repeats: int) -> list[float]:
     latents_j, images_j = jnp.asarray(latents), jnp.asarray(images)
     decoded_j = np.asarray(decode(variables, latents_j))
     mean_j, logvar_j = (np.asarray(a) for a in encode(variables, images_j))
-    jax_decode_s = median_s(lambda: decode(variables, latents_j).block_until_ready(), repeats)
-    jax_encode_s = median_s(lambda: jax.block_until_ready(encode(variables, images_j)), repeats)
+    jax_decode_s = median_seconds(lambda: decode(variables, latents_j).block_until_ready(), repeats)
+    jax_encode_s = median_seconds(
+        lambda: jax.block_until_ready(encode(variables, images_j)), repeats
+    )
     errors = [
         relative_error(decoded_j, decoded),
         relative_error(mean_j, mean),

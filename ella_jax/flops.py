@@ -1,12 +1,16 @@
 """Model FLOPs and the chips' peak rates, for throughput as model FLOPs utilisation (MFU).
 
-The FLOPs are XLA's count of a function traced with the `reference` kernels (full-score XLA
-attention, `nn.Conv`; `ella_jax.kernels`): the plain formulation, counted in full. The kernels
-that run are not: XLA counts a loop's body once (the blocked attention) and nothing inside a
-custom call (cuDNN's flash attention), and rematerialisation adds work that is not the model's.
+The FLOPs are those of the matmuls and convolutions (2 per multiply-add, the convention of MFU),
+counted on the function's jaxpr traced with the `reference` kernels (`ella_jax.kernels`:
+full-score XLA attention, `nn.Conv`): the model as written, forward and backward, every loop
+iteration counted. The kernels that run are not what is counted: cuDNN's flash attention is one
+opaque call, and rematerialisation adds work that is not the model's. Counting on the jaxpr needs
+no compiler: `Lowered.cost_analysis()` is unavailable on GPUs and TPUs (their PJRT C API), and
+XLA's own count takes a loop's body once.
 """
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -14,19 +18,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 from jax.typing import DTypeLike
 
 from ella_jax.kernels import use_kernels
 
 # Dense bfloat16 peak TFLOP/s per chip (per JAX device), from the vendors' data sheets; the first
-# name contained in `device.device_kind` wins.
+# name contained in `device.device_kind` wins (so the longer names come first).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("H200", 989.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("TPU v6 lite", 918.0),
     ("TPU v5 lite", 197.0),
@@ -36,15 +43,46 @@ PEAK_BF16_TFLOPS = (
 
 
 def model_flops(fn: Callable[..., Any], *args: Any) -> float:
-    """XLA's FLOP count of `fn(*args)` with the reference kernels. args may be abstract
-    (`jax.ShapeDtypeStruct`); `fn` is traced and lowered, never compiled or run."""
+    """Matmul and convolution FLOPs of `fn(*args)` with the reference kernels; args may be
+    abstract (`jax.ShapeDtypeStruct`). Traced only: nothing is compiled or run."""
     with use_kernels("reference"):
-        # A fresh function: jax.jit(fn) would reuse a trace of `fn` made with other kernels.
-        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
-    cost = lowered.cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax: one dict per computation
-        cost = cost[0]
-    return float(cost["flops"])
+        # A fresh function: tracing `fn` itself could reuse a trace made with other kernels.
+        traced = jax.make_jaxpr(lambda *a: fn(*a))(*args)
+    return float(_jaxpr_flops(traced.jaxpr))
+
+
+def _jaxpr_flops(jaxpr: jax_core.Jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += (
+                2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+            )
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            per_output = math.prod(kernel) // out_features  # (kernel window) x (inputs / group)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        inner = [_jaxpr_flops(sub) for sub in _sub_jaxprs(eqn.params)]
+        if name == "cond":  # one branch runs
+            total += max(inner, default=0)
+        else:  # a while loop's body counts once: its trip count is not known
+            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> list[jax_core.Jaxpr]:
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, jax_core.ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, jax_core.Jaxpr):
+                found.append(item)
+    return found
 
 
 def peak_flops_per_second(device: jax.Device, dtype: DTypeLike = jnp.bfloat16) -> float | None:

@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 
@@ -44,8 +44,8 @@ def kernel_path() -> KernelPath:
 @contextlib.contextmanager
 def use_kernels(path: KernelPath) -> Iterator[None]:
     """Within the block, models trace `path`'s kernels whatever ELLA_JAX_KERNELS says."""
-    if path not in ("cpu", "accelerator", "reference"):
-        raise ValueError(f"kernel path {path!r}: use cpu, accelerator or reference")
+    if path not in get_args(KernelPath):
+        raise ValueError(f"kernel path {path!r}: use one of {', '.join(get_args(KernelPath))}")
     token = _override.set(path)
     try:
         yield

@@ -83,34 +83,65 @@ HOPPER, AMPERE, VOLTA = (9, 0), (8, 0), (7, 0)
 
 
 @pytest.mark.parametrize(
-    "path, platform, capability, dtype, head_dim, queries, keys, masked, expected",
+    "path, platform, capability, dtype, head_dim, queries, masked, expected",
     [
         # SD 1.5 at 512 px in bfloat16: level 1 self-attention, level 3 (head dim 160) cross.
-        ("accelerator", "gpu", HOPPER, "bfloat16", 40, 4096, 4096, False, "cudnn"),
-        ("accelerator", "gpu", HOPPER, "bfloat16", 160, 256, 64, False, "cudnn"),
-        ("accelerator", "gpu", AMPERE, "bfloat16", 160, 256, 64, False, "xla"),
-        ("accelerator", "gpu", AMPERE, "float16", 80, 1024, 1024, False, "cudnn"),
-        # float32, or a head dim cuDNN cannot take: XLA when short, blocked when long.
-        ("accelerator", "gpu", HOPPER, "float32", 40, 4096, 4096, False, "blocked"),
-        ("accelerator", "gpu", HOPPER, "bfloat16", 512, 4096, 4096, False, "blocked"),
-        ("accelerator", "gpu", HOPPER, "bfloat16", 36, 64, 64, False, "xla"),
-        # odd lengths with a bias or mask: not cuDNN.
-        ("accelerator", "gpu", HOPPER, "bfloat16", 96, 64, 191, True, "xla"),
-        ("accelerator", "gpu", HOPPER, "bfloat16", 96, 64, 192, True, "cudnn"),
-        ("accelerator", "gpu", VOLTA, "float16", 256, 64, 64, False, "xla"),
-        ("accelerator", "gpu", None, "bfloat16", 40, 4096, 4096, False, "blocked"),  # ROCm
-        ("accelerator", "tpu", None, "bfloat16", 40, 4096, 4096, False, "blocked"),
-        ("accelerator", "tpu", None, "bfloat16", 40, 1023, 4096, False, "xla"),
-        ("accelerator", "cpu", None, "bfloat16", 40, 4096, 4096, False, "blocked"),
-        ("cpu", "cpu", None, "float32", 40, 64, 64, False, "blocked"),
-        ("reference", "gpu", HOPPER, "bfloat16", 40, 4096, 4096, False, "xla"),
+        ("accelerator", "gpu", HOPPER, "bfloat16", 40, 4096, False, "cudnn"),
+        ("accelerator", "gpu", HOPPER, "bfloat16", 160, 256, False, "cudnn"),
+        ("accelerator", "gpu", AMPERE, "bfloat16", 160, 256, False, "xla"),
+        ("accelerator", "gpu", AMPERE, "float16", 80, 1024, False, "cudnn"),
+        # float32 (or a dtype upcast to it), or a head dim cuDNN cannot take: XLA when short,
+        # blocked when long.
+        ("accelerator", "gpu", HOPPER, "float32", 40, 4096, False, "blocked"),
+        ("accelerator", "gpu", HOPPER, "bfloat16", 512, 4096, False, "blocked"),
+        ("accelerator", "gpu", HOPPER, "bfloat16", 36, 64, False, "xla"),
+        # masked (ELLA over padded tokens, T5's position bias): not cuDNN.
+        ("accelerator", "gpu", HOPPER, "bfloat16", 96, 64, True, "xla"),
+        ("accelerator", "gpu", HOPPER, "float16", 64, 1024, True, "blocked"),
+        # no flash attention before Ampere.
+        ("accelerator", "gpu", VOLTA, "float16", 64, 64, False, "xla"),
+        ("accelerator", "gpu", None, "bfloat16", 40, 4096, False, "blocked"),  # ROCm
+        ("accelerator", "tpu", None, "bfloat16", 40, 4096, False, "blocked"),
+        ("accelerator", "tpu", None, "bfloat16", 40, 1023, False, "xla"),
+        ("accelerator", "cpu", None, "bfloat16", 40, 4096, False, "blocked"),
+        ("cpu", "cpu", None, "float32", 40, 64, False, "blocked"),
+        ("reference", "gpu", HOPPER, "bfloat16", 40, 4096, False, "xla"),
     ],
 )
 def test_choice_of_implementation(
-    path, platform, capability, dtype, head_dim, queries, keys, masked, expected
+    path, platform, capability, dtype, head_dim, queries, masked, expected
 ):
-    choice = choose_attention(path, platform, capability, dtype, head_dim, queries, keys, masked)
+    choice = choose_attention(path, platform, capability, dtype, head_dim, queries, masked)
     assert choice == expected
+
+
+def test_an_nvidia_gpu_gets_cudnn_with_its_dtypes(monkeypatch):
+    """The GPU branch of `dot_product_attention`, run on the CPU: a Hopper GPU is pretended,
+    and jax.nn.dot_product_attention records what it is asked for, then computes it with XLA."""
+    import ella_jax.models.attention as attention
+
+    calls = []
+    xla = jax.nn.dot_product_attention
+
+    def recording(query, key, value, *, implementation, **kw):
+        calls.append((implementation, query.dtype, kw["mask"] is not None))
+        return xla(query, key, value, implementation="xla", **kw)
+
+    monkeypatch.setenv("ELLA_JAX_KERNELS", "accelerator")
+    monkeypatch.setattr(attention, "_device", lambda: ("gpu", HOPPER))
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    q, k, v, key_mask = inputs(64, keys=64, dim=40)
+    expected = torch_attention(q, k, v)[0].detach().numpy()
+    half = [jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)]
+    out = dot_product_attention(*half)
+    assert calls == [("cudnn", jnp.bfloat16, False)] and out.dtype == jnp.bfloat16
+    assert relative_error(out, expected) < 2e-2
+    dot_product_attention(*half, key_mask=key_mask)  # masked: XLA's
+    dot_product_attention(*(jnp.asarray(t, jnp.float16) for t in (q, k, v)))
+    assert calls[1:] == [("xla", jnp.bfloat16, True), ("cudnn", jnp.float16, False)]
+    monkeypatch.setattr(attention, "_device", lambda: ("gpu", VOLTA))
+    dot_product_attention(*half)  # bfloat16 before Ampere: float32, XLA's
+    assert calls[3:] == [("xla", jnp.float32, False)]
 
 
 def test_dot_dtypes_compile_on_every_backend():

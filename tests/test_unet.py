@@ -126,3 +126,24 @@ def test_bad_config_names_the_field(tmp_path, changes, message):
     with pytest.raises(CheckpointError) as error:
         load_unet(bad_config(tmp_path, **changes))
     assert message in str(error.value) and "unet" in str(error.value)
+
+
+def test_remat_recomputes_each_resnet_and_transformer():
+    """remat=True: in the backward pass of the loss, one rematerialised region per ResNet and
+    spatial transformer of the fixture UNet (their numbers: tests/test_step_parity.py)."""
+    import re
+
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    model, params = load_unet(UNET_FOLDER)
+    layer = re.compile(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.(resnets|attentions)\.\d+")
+    names = traverse_util.flatten_dict(params, sep=".")
+    layers = {match.group(0) for name in names if (match := layer.match(name))}
+    latents, context = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2, 16, 64))
+    for remat, expected in [(False, 0), (True, len(layers))]:
+        unet = model.clone(remat=remat)
+        loss = lambda c, unet=unet: jnp.mean(unet.apply({"params": params}, latents, 999, c) ** 2)  # noqa: E731
+        eqns = jax.make_jaxpr(jax.grad(loss))(context).jaxpr.eqns
+        regions = sum(e.primitive.name in ("checkpoint", "remat2") for e in eqns)
+        assert regions == expected, (remat, regions, sorted(layers))

@@ -5,14 +5,16 @@ the device, the dtype and the shapes:
 
 - `cpu` kernels: `blocked_attention` always (faster than XLA:CPU's own, BENCHMARKS.md).
 - `accelerator` kernels: cuDNN flash attention (`jax.nn.dot_product_attention(...,
-  implementation="cudnn")`) on NVIDIA GPUs where its limits hold: float16 or bfloat16, a head
-  dim that is a multiple of 8 and at most 128 (256 from Hopper, compute capability 9.0), even
-  lengths when there is a bias or mask. Elsewhere XLA's implementation
-  (`implementation="xla"`, which materialises the (B, H, T, S) scores) for queries shorter than
-  `LONG`, and `blocked_attention`, whose memory does not grow with T x S, from `LONG` on. SD 1.5
-  at 512 px on a Hopper GPU in bfloat16 runs every UNet attention in cuDNN; on an Ampere GPU the
-  head dim 160 of its third level (256 tokens) takes XLA's; in float32, with `upcast`, in the
-  VAE (one head of 512) and on TPUs, attention over 1024 tokens or more is blocked.
+  implementation="cudnn")`) on NVIDIA GPUs from Ampere on (compute capability 8.0) where its
+  limits hold: float16 or bfloat16, a head dim that is a multiple of 8 and at most 128 (256
+  from Hopper, 9.0), no bias and no mask (cuDNN would take them as a (B, H, T, S) bias and
+  compute its gradient; the masked attentions here, ELLA's over padded tokens and T5's, are
+  short). Elsewhere XLA's implementation (`implementation="xla"`, which materialises the
+  (B, H, T, S) scores) for queries shorter than `LONG`, and `blocked_attention`, whose memory
+  does not grow with T x S, from `LONG` on. SD 1.5 at 512 px on a Hopper GPU in bfloat16 runs
+  every UNet attention in cuDNN; on an Ampere GPU the head dim 160 of its third level (256
+  tokens) takes XLA's; in float32, with `upcast`, in the VAE (one head of 512) and on TPUs,
+  attention over 1024 tokens or more is blocked.
 - `reference` kernels: XLA's implementation always (FLOP counting, `ella_jax.flops`).
 
 Dot inputs the backend cannot multiply into float32 are computed in float32 (float16 on CPUs
@@ -42,25 +44,25 @@ def choose_attention(
     dtype: DTypeLike,
     head_dim: int,
     queries: int,
-    keys: int,
     masked: bool,
 ) -> Implementation:
     """The implementation for one attention call (module docstring). platform: "cpu", "gpu"
-    or "tpu"; compute_capability: an NVIDIA GPU's (major, minor), else None; masked: a bias or
-    key mask is added to the scores."""
+    or "tpu"; compute_capability: an NVIDIA GPU's (major, minor), else None; dtype: the one the
+    dots take (`dot_dtype`); masked: a bias or key mask is added to the scores."""
     if path == "reference":
         return "xla"
     if path == "cpu":
         return "blocked"
-    if compute_capability is not None and platform == "gpu":
-        max_head_dim = 256 if compute_capability >= (9, 0) else 128
-        if (
-            jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
-            and head_dim % 8 == 0
-            and head_dim <= max_head_dim
-            and not (masked and (queries % 2 or keys % 2))
-        ):
-            return "cudnn"
+    if (
+        platform == "gpu"
+        and compute_capability is not None
+        and compute_capability >= (8, 0)
+        and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= (256 if compute_capability >= (9, 0) else 128)
+        and not masked
+    ):
+        return "cudnn"
     return "blocked" if queries >= LONG else "xla"
 
 
@@ -102,12 +104,18 @@ def dot_product_attention(
     Returns (B, T, H, D) in query's dtype.
     """
     dtype = query.dtype
-    batch, queries, _, dim = query.shape
-    keys = key.shape[1]
+    _, queries, _, dim = query.shape
     path, (platform, capability) = kernel_path(), _device()
-    masked = key_mask is not None or bias is not None
-    implementation = choose_attention(path, platform, capability, dtype, dim, queries, keys, masked)
     compute = dot_dtype(dtype, platform, capability)
+    implementation = choose_attention(
+        path,
+        platform,
+        capability,
+        dtype=compute,
+        head_dim=dim,
+        queries=queries,
+        masked=key_mask is not None or bias is not None,
+    )
     query, key, value = (t.astype(compute) for t in (query, key, value))
     bias = None if bias is None else bias.astype(compute)
     mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -115,12 +123,9 @@ def dot_product_attention(
         if path == "cpu":  # one block below 4 blocks' worth: the loop costs more
             block = CPU_BLOCK if queries >= 4 * CPU_BLOCK else queries
         else:
-            block = accelerator_block(keys)
+            block = accelerator_block(key.shape[1])
         out = blocked_attention(query, key, value, mask, bias, scale, block)
     else:
-        if implementation == "cudnn" and mask is not None:
-            # cuDNN takes a mask as a bias of the scores' full (T, S) extent.
-            mask = jnp.broadcast_to(mask, (batch, 1, queries, keys))
         out = jax.nn.dot_product_attention(
             query, key, value, bias=bias, mask=mask, scale=scale, implementation=implementation
         )
@@ -128,8 +133,9 @@ def dot_product_attention(
 
 
 def accelerator_block(keys: int) -> int:
-    """Queries per block of the accelerator's blocked attention: a power of two in
-    [128, LONG / 2] with block * keys <= 2**20 (4 MiB of float32 scores per image and head)."""
+    """Queries per block of the accelerator's blocked attention: the power of two in
+    [128, LONG / 2] nearest below 2**20 / keys (4 MiB of float32 scores per image and head up to
+    8192 keys)."""
     return max(128, min(LONG // 2, 2 ** int(math.log2(max(2**20 // keys, 1)))))
 
 
@@ -146,8 +152,8 @@ def blocked_attention(
     """`dot_product_attention` as heads-first matmuls with the softmax normalised after the
     product with the values; for T > block, a `lax.map` over blocks of `block` queries (the
     last one padded), each rematerialised in the backward pass, so that only one block's scores
-    (B, H, block, S) exist at a time, forward or backward. mask, bias broadcastable to
-    (B, H, T, S)."""
+    (B, H, block, S) exist at a time, forward or backward. mask (B, 1, 1, S) or None; bias
+    broadcastable to (B, H, T, S), per query (T) or not (1)."""
     batch, length, heads, dim = query.shape
     scale = dim**-0.5 if scale is None else scale
     q = jnp.swapaxes(query * jnp.asarray(scale, query.dtype), 1, 2)  # (B, H, T, D)

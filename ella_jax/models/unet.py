@@ -43,12 +43,12 @@ SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _layers(remat: bool) -> tuple[type[nn.Module], type[nn.Module]]:
-    """ResnetBlock2D and Transformer2DModel; with `remat`, each keeps only its inputs for the
-    backward pass and recomputes the rest there (as diffusers' gradient checkpointing)."""
-    if remat:
-        return nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)
-    return ResnetBlock2D, Transformer2DModel
+# With remat, each ResNet and spatial transformer keeps only its inputs for the backward pass and
+# recomputes the rest there (as diffusers' gradient checkpointing does).
+_LAYERS = {
+    False: (ResnetBlock2D, Transformer2DModel),
+    True: (nn.remat(ResnetBlock2D), nn.remat(Transformer2DModel)),
+}
 
 
 def _per_block(value: Any, blocks: int) -> tuple:
@@ -123,7 +123,7 @@ class UNetBlock(nn.Module):
     only_cross_attention: bool
     config: UNetConfig
     resample: str | None  # "down", "up" or None
-    remat: bool = False  # see `_layers`
+    remat: bool = False  # see `_LAYERS`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -138,7 +138,7 @@ class UNetBlock(nn.Module):
         """x (B, H, W, C), temb (B, T), context (B, S, D); `skips` (up blocks) are concatenated
         to the input of each ResNet, last first. -> (output, outputs for later skips)."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet_block, transformer = _layers(self.remat)
+        resnet_block, transformer = _LAYERS[self.remat]
         skips, outputs = list(skips), []
         for j in range(self.num_layers):
             if skips:
@@ -178,7 +178,7 @@ class UNetMidBlock(nn.Module):
     """ResNet, spatial transformer, ResNet at the lowest resolution."""
 
     config: UNetConfig
-    remat: bool = False  # see `_layers`
+    remat: bool = False  # see `_LAYERS`
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
@@ -186,7 +186,7 @@ class UNetMidBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels, heads = c.block_out_channels[-1], c.heads[-1]
-        resnet_block, transformer = _layers(self.remat)
+        resnet_block, transformer = _LAYERS[self.remat]
         resnet = lambda name: resnet_block(  # noqa: E731
             channels, c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor, True, name=name, **kw
         )
