@@ -1,6 +1,7 @@
 """The UNet against diffusers: the shared fixture, SD 2.x and SDXL-style configs (each with its
 down- and upsampler) on both kernel paths (`ella_jax.kernels`), bad configs."""
 
+import functools
 import json
 import shutil
 
@@ -63,18 +64,22 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_config_variants_match_diffusers(kernels, variant, tmp_path):
-    torch = pytest.importorskip("torch")
+@functools.cache
+def diffusers_variant(variant: str, folder: str) -> tuple[dict, np.ndarray]:
+    """The variant's UNet built by diffusers with random weights, saved to `folder`: the inputs
+    and its output (NCHW), computed once for both kernel paths."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     reference = randomized(UNet2DConditionModel(**{**TINY, **VARIANTS[variant]}))
-    reference.save_pretrained(tmp_path)
+    reference.save_pretrained(folder)
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-    timesteps = np.array([999.0, 17.0], np.float32)
-    context = rng.standard_normal((2, 7, 24)).astype(np.float32)
+    inputs = dict(
+        latents=rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+        timesteps=np.array([999.0, 17.0], np.float32),
+        context=rng.standard_normal((2, 7, 24)).astype(np.float32),
+    )
     added = {}
     if variant == "sdxl_text_time":
         added = dict(
@@ -83,9 +88,7 @@ def test_config_variants_match_diffusers(kernels, variant, tmp_path):
         )
     with torch.no_grad():
         expected = reference(
-            torch.from_numpy(latents),
-            torch.from_numpy(timesteps),
-            torch.from_numpy(context),
+            *(torch.from_numpy(inputs[k]) for k in ("latents", "timesteps", "context")),
             added_cond_kwargs={
                 "text_embeds": torch.from_numpy(added["added_text_embeds"]),
                 "time_ids": torch.from_numpy(added["added_time_ids"]),
@@ -93,9 +96,18 @@ def test_config_variants_match_diffusers(kernels, variant, tmp_path):
             if added
             else None,
         ).sample.numpy()
+    return {**inputs, **added}, expected
 
-    model, params = load_unet(tmp_path)
-    out = model.apply({"params": params}, nhwc(latents), timesteps, context, **added)
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants_match_diffusers(kernels, variant, tmp_path_factory):
+    pytest.importorskip("torch")
+    folder = tmp_path_factory.getbasetemp() / f"unet_{variant}"
+    inputs, expected = diffusers_variant(variant, str(folder))
+    model, params = load_unet(folder)
+    added = {k: inputs[k] for k in ("added_text_embeds", "added_time_ids") if k in inputs}
+    forward = jax.jit(lambda p, x, t, c, a: model.apply({"params": p}, x, t, c, **a))
+    out = forward(params, nhwc(inputs["latents"]), inputs["timesteps"], inputs["context"], added)
     assert relative_error(out, nhwc(expected)) < 1e-4
 
 
