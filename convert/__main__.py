@@ -36,6 +36,13 @@ Outputs are written whole or not at all. Errors print one line and exit with sta
 """
 
 
+HEADS_HELP = (
+    "attention heads, for an official file that stores none (this project's exports carry them "
+    "in their metadata and beside them in ella_config.json; 8 for the released shapes); one "
+    "that contradicts the stored value is an error"
+)
+
+
 def _to_jax(args: argparse.Namespace) -> str:
     config, params = read_ella(args.src, heads=args.heads)
     with atomic_path(args.dst, overwrite=args.overwrite) as staging:
@@ -45,7 +52,7 @@ def _to_jax(args: argparse.Namespace) -> str:
 
 def _to_torch(args: argparse.Namespace) -> str:
     config, params = read_ella(args.src)
-    write_official(args.dst, params, overwrite=args.overwrite)
+    write_official(args.dst, params, overwrite=args.overwrite, config=config)
     return f"wrote {args.dst} ({config})"
 
 
@@ -59,7 +66,7 @@ def _export(args: argparse.Namespace) -> str:
     expected = traverse_util.flatten_dict(abstract_params(ELLA(**config)), sep="/")
     found = traverse_util.flatten_dict(params, sep="/")
     check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
-    write_official(args.dst, params, args.dtype, overwrite=args.overwrite)
+    write_official(args.dst, params, args.dtype, overwrite=args.overwrite, config=config)
     return f"wrote {args.dst} ({args.weights} weights, {config})"
 
 
@@ -96,12 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_jax = commands.add_parser("to-jax", help="official .safetensors -> ella-jax directory")
     to_jax.add_argument("src", help="official-layout ELLA .safetensors file")
     to_jax.add_argument("dst", help="directory to create")
-    to_jax.add_argument(
-        "--heads",
-        type=int,
-        default=8,
-        help="attention heads (not stored in the official file; 8 for the released model)",
-    )
+    to_jax.add_argument("--heads", type=int, default=None, help=HEADS_HELP)
     to_jax.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     to_jax.set_defaults(run=_to_jax)
 
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a checkpoint and run it once")
     info.add_argument("path", help="official .safetensors file or converted directory")
-    info.add_argument("--heads", type=int, default=None, help="override the heads (default 8)")
+    info.add_argument("--heads", type=int, default=None, help=HEADS_HELP)
     info.add_argument("--batch", type=int, default=2, help="batch of the test forward pass")
     info.add_argument("--tokens", type=int, default=128, help="T5 tokens of the test forward")
     info.set_defaults(run=_info)

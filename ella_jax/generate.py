@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         default=None,
-        help="ELLA attention heads, for an official file (default 8, the released model's)",
+        help="ELLA attention heads, for an official file that stores none (this project's "
+        "exports carry them; 8 for the released shapes); one that contradicts them is an error",
     )
     models.add_argument(
         "--dtype",

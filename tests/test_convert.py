@@ -1,4 +1,5 @@
-"""The conversion CLI: bit-identical round trips, and one clear line for every bad input."""
+"""ELLA checkpoint files and the conversion CLI: bit-identical round trips, the attention heads
+read from what is stored with a file, and one clear line for every bad input."""
 
 import json
 import shutil
@@ -38,6 +39,8 @@ def test_fixture_round_trip_is_bit_identical(name, tmp_path):
 
 def test_released_layout_round_trip_is_bit_identical(released_checkpoint, tmp_path):
     back = round_trip(released_checkpoint, tmp_path)
+    # Nothing stored with the file, the released shapes: the released model's 8 heads.
+    assert json.loads((tmp_path / "jax" / "config.json").read_text())["heads"] == 8
     original = safetensors.numpy.load_file(released_checkpoint)
     assert len(original) == 93 and sum(t.size for t in original.values()) > 66_000_000
     assert_bit_identical(original, back)
@@ -61,6 +64,13 @@ def corrupt(tmp_path, edit):
     edit(tensors)
     path = tmp_path / "bad.safetensors"
     safetensors.numpy.save_file(tensors, path)
+    return path
+
+
+def alone(tmp_path):
+    """The fixture checkpoint in a folder of its own: no ella_config.json beside it."""
+    path = tmp_path / "alone.safetensors"
+    shutil.copy(OFFICIAL, path)
     return path
 
 
@@ -96,7 +106,8 @@ BAD_INPUTS = {
     missing_tensor: ["missing tensor", "connector.perceiver_blocks.1.ln_ff.linear.bias"],
     unexpected_tensor: ["unexpected tensor", "connector.proj_out.weight"],
     wrong_shape: ["connector.proj_in.bias", "(65,)", "(64,)"],
-    (lambda tmp_path: OFFICIAL): ["heads=5 does not divide width=64"],
+    alone: ["heads=5 does not divide width=64"],
+    (lambda tmp_path: OFFICIAL): ["heads=5 was asked for", "ella_config.json says heads=4"],
     (lambda tmp_path: tmp_path / "absent.safetensors"): ["absent.safetensors", "no such file"],
 }
 
@@ -104,7 +115,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("make_input", BAD_INPUTS, ids=lambda f: f.__name__)
 def test_bad_input_is_one_line_and_leaves_nothing(make_input, tmp_path, capsys):
     src = make_input(tmp_path)
-    heads = ["--heads", "5" if src == OFFICIAL else "4"]
+    heads = ["--heads", "5" if make_input is alone or src == OFFICIAL else "4"]
     dst = tmp_path / "out"
     assert main(["to-jax", str(src), str(dst), *heads]) == 2
     err = capsys.readouterr().err
@@ -150,3 +161,44 @@ def test_command_line_help_and_exit_status(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("absent.safetensors: no such file or directory")
     shutil.rmtree(tmp_path)
+
+
+def test_heads_are_read_from_what_is_stored_with_the_file(tmp_path):
+    """The fixture connector has 4 heads (its tensors cannot say so). An export carries them
+    in its safetensors metadata; an ella_config.json beside a file carries them too; a file
+    with neither and shapes other than the released model's needs them given; a given value
+    that contradicts the stored one, or a stored config that contradicts the tensors, is an
+    error."""
+    import safetensors.torch
+
+    from bench.torch_ella import TorchELLA
+    from ella_jax.weights.ella import write_official
+    from ella_jax.weights.tensors import CheckpointError
+
+    model, params = load_ella(OFFICIAL)  # tests/fixtures/reference/ella_config.json: 4 heads
+    assert model.heads == 4
+    config = json.loads((REFERENCE / "ella_config.json").read_text())
+
+    exported = tmp_path / "exported" / "ella.safetensors"
+    write_official(exported, params, config=config)
+    assert load_ella(exported)[0].heads == 4
+    # The official loader ignores the metadata: the file loads as it always did.
+    reference = TorchELLA(**config)
+    reference.load_state_dict(safetensors.torch.load_file(exported))
+    with pytest.raises(CheckpointError, match=r"heads=8 was asked for, .*metadata.*says heads=4"):
+        load_ella(exported, heads=8)
+
+    beside = tmp_path / "beside" / "ella.safetensors"
+    write_official(beside, params)
+    with pytest.raises(CheckpointError, match="stored neither in its metadata nor in an ella_"):
+        load_ella(beside)
+    assert load_ella(beside, heads=2)[0].heads == 2
+    (beside.parent / "ella_config.json").write_text(json.dumps(config))
+    assert load_ella(beside)[0].heads == 4
+
+    (exported.parent / "ella_config.json").write_text(json.dumps({**config, "heads": 2}))
+    with pytest.raises(CheckpointError, match=r"says heads=4, .*ella_config.json heads=2"):
+        load_ella(exported)
+    (beside.parent / "ella_config.json").write_text(json.dumps({**config, "width": 32}))
+    with pytest.raises(CheckpointError, match=r"width=32, but the tensors of .* have width=64"):
+        load_ella(beside)

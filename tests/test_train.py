@@ -17,6 +17,7 @@ from conftest import ROOT, SHORT, read_metrics, relative_error, tiny_config, tra
 
 from ella_jax import load_ella
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
+from ella_jax.weights.tensors import read_safetensors_metadata
 from train import data
 from train.trainer import ConfigError, check_config, train
 
@@ -49,8 +50,11 @@ def test_tiny_config_runs_to_the_end(uninterrupted):
     exported = safetensors.numpy.load_file(uninterrupted / "ella.safetensors")
     reference = safetensors.numpy.load_file(ROOT / "tests/fixtures/reference/ella.safetensors")
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference.items()}
-    model, _ = load_ella(uninterrupted / "ella.safetensors", heads=config["heads"])
-    assert model.width == 64
+    # The export carries its config (4 heads) in its metadata, and the run's folder beside it.
+    metadata = read_safetensors_metadata(uninterrupted / "ella.safetensors")
+    assert json.loads(metadata["ella_config"]) == config
+    model, _ = load_ella(uninterrupted / "ella.safetensors")
+    assert model.width == 64 and model.heads == 4
 
 
 def test_convert_exports_a_saved_checkpoint(uninterrupted, tmp_path):
@@ -186,6 +190,9 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_setup):
     assert losses[-1] < losses[0] - 3e-4, losses
 
 
+FIXTURE_ELLA = str(ROOT / "tests/fixtures/reference/ella.safetensors")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -194,6 +201,12 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_setup):
         ({"mesh": {"data": 3}}, "config.mesh: mesh data=3 x fsdp=1 does not fit 8 devices"),
         ({"batch_size": 12}, "config.batch_size=12 does not split over 8 devices"),
         ({"remat": "all"}, "config.remat='all': use one of none, blocks"),
+        (  # the fixture connector: 16 latents, 4 heads
+            {"ella_init": FIXTURE_ELLA, "ella": {"num_latents": 8}},
+            "ella.safetensors' has num_latents=16, but the run needs num_latents=8 "
+            "(config.ella.num_latents)",
+        ),
+        ({"ella_init": FIXTURE_ELLA, "ella": {"heads": 2}}, "heads=2 was asked for, but"),
     ],
 )
 def test_bad_config_is_named_before_any_compute(overrides, message):
@@ -217,3 +230,59 @@ def test_command_line_names_an_unknown_key_and_a_bad_value(tmp_path):
         "error: config.ella.width=32"
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_precomputed_features_of_another_t5_are_refused(tmp_path):
+    """Features of width 32 for a run whose T5 has d_model 96: one error before any compute."""
+    (tmp_path / "precompute.json").write_text(json.dumps({"token_length": 128}))
+    np.savez(tmp_path / data.EMPTY_CAPTION_FILE, t5_features=np.zeros((128, 32), np.float16))
+    config = tiny_config()
+    config.data.update(source="precomputed", path=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"T5 features of width 32, but config.t5=.* d_model=96"):
+        check_config(config)
+
+
+SLURM_TASK_OF_TWO = dict(  # what SLURM sets for one task of a 2-task job
+    SLURM_JOB_ID="1", SLURM_STEP_NODELIST="node1", SLURM_NTASKS="2", SLURM_PROCID="0",
+    SLURM_LOCALID="0",
+)  # fmt: skip
+
+
+def test_a_cluster_join_that_fails_is_an_error(monkeypatch):
+    """No cluster in the environment: JAX asks for a coordinator (a ValueError) and the run
+    is one process. A cluster JAX recognises whose join fails, or explicit flags that fail: an
+    error naming it, never a process that trains alone into the shared work directory."""
+    from train.cli import initialize_distributed
+
+    def no_cluster(*args, **kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    for name in SLURM_TASK_OF_TWO:
+        monkeypatch.delenv(name, raising=False)
+    initialize_distributed(None, None, None)  # one process
+    for name, value in SLURM_TASK_OF_TWO.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="processes of the SlurmCluster environment failed"):
+        initialize_distributed(None, None, None)
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("DEADLINE_EXCEEDED: barrier timed out")
+
+    monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+    with pytest.raises(ValueError, match=r"--coordinator_address=10.0.0.1:1234 --num_processes=2"
+                       r" --process_id=1 failed: DEADLINE_EXCEEDED"):  # fmt: skip
+        initialize_distributed("10.0.0.1:1234", 2, 1)
+
+
+def test_command_line_names_a_broken_cluster(tmp_path):
+    """JAX's own SLURM detection on an environment it cannot read: one error line, exit 2."""
+    env = {**os.environ, **SLURM_TASK_OF_TWO, "SLURM_NTASKS": "two"}
+    result = subprocess.run(
+        [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
+         f"--workdir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: joining the processes of the SlurmCluster environment"), last

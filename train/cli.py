@@ -1,6 +1,5 @@
 """Command-line plumbing shared by the training entry points (absl flags, ml_collections)."""
 
-import contextlib
 import re
 import sys
 from collections.abc import Callable
@@ -53,15 +52,45 @@ def initialize_distributed(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
     """Joins the processes of a multi-process run. With no arguments, JAX reads the cluster
-    environment where it recognises one (TPU pods, SLURM, Open MPI); otherwise this is a
-    single-process run."""
+    environment where it recognises one (TPU pods, SLURM, Open MPI, Kubernetes); where it
+    recognises none, this is a single-process run. A join that fails is a ValueError naming
+    the cluster: each process would otherwise train alone into the same work directory."""
     import jax
 
     # CPU collectives between processes (tests, development); GPUs and TPUs have their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     given = (coordinator_address, num_processes, process_id)
-    if any(value is not None for value in given):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return
-    with contextlib.suppress(ValueError):  # raised where there is no cluster: one process
-        jax.distributed.initialize()
+    explicit = any(value is not None for value in given)
+    cluster = None if explicit else detected_cluster()
+    try:
+        if explicit:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        else:
+            jax.distributed.initialize()
+    except ValueError as e:
+        if explicit or cluster is not None:
+            raise ValueError(_join_failed(given if explicit else None, cluster, e)) from None
+        # JAX found no cluster to join (it asks for a coordinator address): one process.
+    except Exception as e:  # a cluster that does not answer: a timeout, a refused connection
+        raise ValueError(_join_failed(given if explicit else None, cluster, e)) from None
+
+
+def _join_failed(given: tuple | None, cluster: str | None, error: Exception) -> str:
+    if given is not None:
+        address, count, index = given
+        where = f"--coordinator_address={address} --num_processes={count} --process_id={index}"
+    else:
+        where = f"the {cluster} environment" if cluster else "the environment"
+    return f"joining the processes of {where} failed: {' '.join(str(error).split())}"
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment JAX recognises here (its own detection), or None."""
+    try:
+        from jax._src.clusters import ClusterEnv  # private: guarded, and only a name is read
+    except ImportError:
+        return None
+    for env in ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__
+    return None

@@ -23,7 +23,13 @@ from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.diffusers import load_unet, load_vae
-from ella_jax.weights.ella import CONFIG_KEYS, load_ella, write_official, write_official_config
+from ella_jax.weights.ella import (
+    CONFIG_KEYS,
+    load_ella,
+    read_ella,
+    write_official,
+    write_official_config,
+)
 from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from train import checkpoint, data
@@ -39,8 +45,9 @@ class ConfigError(ValueError):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key: missing folders, an ELLA that does not fit the UNet, a mesh
-    that does not fit the devices, batch sizes the mesh cannot split."""
+    """Fails fast, naming the key: missing folders, an ELLA that does not fit the UNet or the
+    T5, an `ella_init` of another shape, a mesh that does not fit the devices, batch sizes the
+    mesh cannot split, precomputed features made otherwise."""
     for key in ("sd", "t5"):
         if not config[key] or not Path(config[key]).is_dir():
             raise ConfigError(f"config.{key}={config[key]!r} is not a model folder")
@@ -72,13 +79,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
     if config.remat not in REMAT:
         raise ConfigError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT)}")
+    d_model = read_json(Path(config.t5) / "config.json").get("d_model")
+    if config.ella_init:
+        _check_ella_init(config, {**config.ella, "input_dim": d_model})
     if config.data.source == "precomputed":
-        _check_precomputed(config)
+        _check_precomputed(config, d_model)
 
 
-def _check_precomputed(config: ml_collections.ConfigDict) -> None:
+def _check_ella_init(config: ml_collections.ConfigDict, wanted: dict) -> None:
+    """`config.ella_init` is an ELLA of the run's shape (its input_dim: the T5's d_model)."""
+    try:
+        found, _ = read_ella(config.ella_init, config.ella.heads)
+    except CheckpointError as e:
+        raise ConfigError(f"config.ella_init={config.ella_init!r}: {e}") from None
+    for key, value in wanted.items():
+        if found[key] != value:
+            source = "the T5's d_model" if key == "input_dim" else f"config.ella.{key}"
+            raise ConfigError(
+                f"config.ella_init={config.ella_init!r} has {key}={found[key]}, but the run "
+                f"needs {key}={value} ({source})"
+            )
+
+
+def _check_precomputed(config: ml_collections.ConfigDict, d_model: int) -> None:
     """The features in a `train.precompute` folder were made with this config's image size,
-    token length and T5 dtype (the step would train on them as they are)."""
+    token length, T5 dtype and a T5 of the config's width (the step would train on them as
+    they are)."""
     summary_path = Path(config.data.path) / "precompute.json"
     try:
         made = read_json(summary_path)
@@ -97,6 +123,16 @@ def _check_precomputed(config: ml_collections.ConfigDict) -> None:
                 f"config.{key}={value!r}, but {summary_path} was made with {field}="
                 f"{made[field]!r}: rerun train.precompute with this config"
             )
+    empty_path = Path(config.data.path) / data.EMPTY_CAPTION_FILE
+    try:
+        width = np.load(empty_path)["t5_features"].shape[-1]
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"{empty_path}: not readable ({e}); rerun train.precompute") from None
+    if width != d_model:
+        raise ConfigError(
+            f"{config.data.path} holds T5 features of width {width}, but config.t5="
+            f"{config.t5!r} has d_model={d_model}: rerun train.precompute with this config"
+        )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
@@ -272,7 +308,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         return
     ema_params = _to_host(state.ema_params)
     if primary:
-        write_official(workdir / "ella.safetensors", ema_params, config.export_dtype, True)
+        ella_config = {k: getattr(ella, k) for k in CONFIG_KEYS}
+        write_official(
+            workdir / "ella.safetensors", ema_params, config.export_dtype, True, ella_config
+        )
         print(f"wrote {workdir / 'ella.safetensors'} and {workdir / 'ella_config.json'}")
 
 

@@ -2,6 +2,12 @@
 
 A converted directory holds `config.json` (the official constructor's arguments, heads included)
 and `params.safetensors` (the Flax tree, paths joined by '/', in the source's dtypes).
+
+An official-layout file's tensors give every size but the number of attention heads. This
+project's exports carry the whole config in the file's safetensors metadata (`ella_config`;
+the official loader ignores metadata, so the file stays official) and training writes it beside
+them too (`ella_config.json`): both are read and checked against the tensors. Only a file with
+neither and the released model's shapes defaults to the released 8 heads.
 """
 
 import json
@@ -23,12 +29,18 @@ from ella_jax.weights.tensors import (
     atomic_path,
     read_json,
     read_safetensors,
+    read_safetensors_metadata,
     write_safetensors,
 )
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
-DEFAULT_HEADS = 8
+SIDECAR_FILE = "ella_config.json"  # beside a checkpoint (train.main writes it)
+METADATA_KEY = "ella_config"  # the same JSON in an exported file's safetensors metadata
+DEFAULT_HEADS = 8  # the released ella-sd1.5-tsc-t5xl's, stored in no file
+RELEASED_SIZES = dict(
+    time_channel=320, time_embed_dim=768, width=768, layers=6, num_latents=64, input_dim=2048
+)
 # The official ELLA constructor's arguments, in its order.
 CONFIG_KEYS = (
     "time_channel",
@@ -50,24 +62,72 @@ def _shape(tensors: dict[str, np.ndarray], name: str, ndim: int, source: str) ->
     return shape
 
 
-def config_from_tensors(tensors: dict[str, np.ndarray], heads: int, source: str) -> dict[str, int]:
-    """The ELLA constructor's arguments, read from an official state dict's shapes."""
+def sizes_from_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, int]:
+    """The ELLA constructor's arguments but `heads`, read from an official state dict's shapes."""
     time_embed_dim, time_channel = _shape(tensors, "time_embedding.linear_1.weight", 2, source)
     num_latents, width = _shape(tensors, "connector.latents", 2, source)
     _, input_dim = _shape(tensors, "connector.proj_in.weight", 2, source)
     block = re.compile(r"connector\.perceiver_blocks\.(\d+)\.")
     blocks = {int(m.group(1)) for name in tensors if (m := block.match(name))}
-    config = dict(
+    return dict(
         time_channel=time_channel,
         time_embed_dim=time_embed_dim,
         width=width,
         layers=max(blocks, default=-1) + 1,
-        heads=heads,
         num_latents=num_latents,
         input_dim=input_dim,
     )
-    check_config(config, source)
-    return config
+
+
+def _stored_configs(path: Path) -> list[tuple[str, dict]]:
+    """(where, config) for each config stored with an official file: its metadata's, and a
+    sibling ella_config.json's."""
+    stored = []
+    metadata = read_safetensors_metadata(path)
+    if METADATA_KEY in metadata:
+        where = f"{path} (metadata {METADATA_KEY!r})"
+        try:
+            config = json.loads(metadata[METADATA_KEY])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: not JSON ({e})") from None
+        stored.append((where, config))
+    sidecar = path.parent / SIDECAR_FILE
+    if sidecar.is_file():
+        stored.append((str(sidecar), read_json(sidecar)))
+    return stored
+
+
+def heads_of(path: Path, sizes: dict[str, int], heads: int | None) -> int:
+    """The attention heads of the official file at `path` with tensor `sizes`: the stored
+    config's (checked against the sizes and against `heads`, when given), else `heads`, else 8
+    for the released shapes. Anything else is a CheckpointError that says what to do."""
+    stored = _stored_configs(path)
+    for where, config in stored:
+        check_config(config, where)
+        for key, value in sizes.items():
+            if config[key] != value:
+                raise CheckpointError(
+                    f"{where}: {key}={config[key]}, but the tensors of {path} have {key}={value}"
+                )
+    if len({config["heads"] for _, config in stored}) > 1:
+        (first, a), (second, b) = stored
+        raise CheckpointError(f"{first} says heads={a['heads']}, {second} heads={b['heads']}")
+    if stored:
+        where, config = stored[0]
+        if heads is not None and heads != config["heads"]:
+            raise CheckpointError(
+                f"{path}: heads={heads} was asked for, but {where} says heads={config['heads']}"
+            )
+        return config["heads"]
+    if heads is not None:
+        return heads
+    if sizes == RELEASED_SIZES:
+        return DEFAULT_HEADS
+    raise CheckpointError(
+        f"{path}: its number of attention heads is stored neither in its metadata nor in an "
+        f"{SIDECAR_FILE} beside it, and its shapes are not the released model's: pass the heads "
+        "(heads=, --ella-heads, --heads)"
+    )
 
 
 def check_config(config: dict[str, Any], source: str) -> None:
@@ -92,24 +152,34 @@ def abstract_params(model: ELLA) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), features, timesteps)["params"]
 
 
-def read_official(path: str | os.PathLike, heads: int = DEFAULT_HEADS) -> tuple[dict, dict]:
-    """(config, params) from an official-layout ELLA .safetensors file."""
-    source = str(path)
+def read_official(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, dict]:
+    """(config, params) from an official-layout ELLA .safetensors file (heads: `heads_of`)."""
+    path = Path(path)
     tensors = read_safetensors(path)
-    config = config_from_tensors(tensors, heads, source)
-    return config, params_from_torch(tensors, abstract_params(ELLA(**config)), source)
+    sizes = sizes_from_tensors(tensors, str(path))
+    config = {**sizes, "heads": heads_of(path, sizes, heads)}
+    check_config(config, str(path))
+    return config, params_from_torch(tensors, abstract_params(ELLA(**config)), str(path))
 
 
 def write_official(
-    path: str | os.PathLike, params: Any, dtype: DTypeLike | None = None, overwrite: bool = False
+    path: str | os.PathLike,
+    params: Any,
+    dtype: DTypeLike | None = None,
+    overwrite: bool = False,
+    config: dict[str, int] | None = None,
 ) -> None:
     """Writes params as an official-layout ELLA .safetensors (whole or not at all), in `dtype`
-    (default: the params' own)."""
+    (default: the params' own), with `config` (the constructor's arguments) in its metadata."""
     tensors = params_to_torch(jax.device_get(params))
     if dtype is not None:
         tensors = {name: t.astype(dtype) for name, t in tensors.items()}
+    metadata = None
+    if config is not None:
+        check_config(config, str(path))
+        metadata = {METADATA_KEY: json.dumps({k: config[k] for k in CONFIG_KEYS})}
     with atomic_path(path, overwrite=overwrite) as staging:
-        write_safetensors(tensors, staging)
+        write_safetensors(tensors, staging, metadata)
 
 
 def write_official_config(path: str | os.PathLike, config: dict[str, int]) -> None:
@@ -141,19 +211,21 @@ def read_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
 def read_ella(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, dict]:
     """(config, params) from an official .safetensors file or a converted directory.
 
-    `heads` defaults to 8 for a .safetensors file and to the stored value for a directory;
-    given explicitly, it overrides both.
+    The heads are the stored ones (a directory's config.json; a file's metadata or the
+    ella_config.json beside it, see `heads_of`); `heads` given and different is an error.
     """
     path = Path(path)
     if path.is_dir():
         config, params = read_converted(path)
-        if heads is not None:
-            config = {**config, "heads": heads}
-            check_config(config, str(path))
+        if heads is not None and heads != config["heads"]:
+            raise CheckpointError(
+                f"{path}: heads={heads} was asked for, but {path / CONFIG_FILE} says "
+                f"heads={config['heads']}"
+            )
         return config, params
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    return read_official(path, DEFAULT_HEADS if heads is None else heads)
+    return read_official(path, heads)
 
 
 def load_ella(
@@ -164,7 +236,8 @@ def load_ella(
 ) -> tuple[ELLA, dict]:
     """(model, params) from an official .safetensors file or a converted directory.
 
-    Every size but `heads` is read from the tensor shapes (see `read_ella` for `heads`). `dtype` is
+    Every size but `heads` is read from the tensor shapes; `heads` from what is stored with the
+    checkpoint (see `read_ella`; `heads=` is needed only where nothing is). `dtype` is
     the compute dtype; params keep the checkpoint's dtype unless `param_dtype` is given.
     Use: `model.apply({"params": params}, t5_features, timesteps, token_mask)`.
     """

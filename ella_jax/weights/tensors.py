@@ -32,6 +32,16 @@ def read_safetensors(
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors file's header ({} when it has none)."""
+    path = Path(path)
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # the library raises several types for a damaged file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def read_weights_folder(
     folder: str | os.PathLike, stem: str, keep: Callable[[str], bool] | None = None
 ) -> dict[str, np.ndarray]:
