@@ -3,6 +3,7 @@ config errors. Uses the fixture models and data/tiny."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,3 +287,30 @@ def test_command_line_names_a_broken_cluster(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: joining the processes of the SlurmCluster environment"), last
+
+
+def test_a_step_that_is_not_finite_changes_nothing(tiny_setup):
+    """A NaN update (here a NaN learning rate) is not applied: the state stays finite."""
+    make_step, frozen, batch = tiny_setup
+    step, state = make_step(optax.sgd(float("nan")))
+    new_state, metrics = jax.jit(step)(state, frozen, batch)
+    assert not bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    assert int(new_state.step) == 1
+    trained = lambda s: jax.tree.leaves((s.params, s.ema_params, s.opt_state))  # noqa: E731
+    for new, old in zip(trained(new_state), trained(state), strict=True):
+        np.testing.assert_array_equal(new, old)
+
+
+def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(uninterrupted, tmp_path):
+    """Resumed at step 12 with a NaN learning rate: step 13 is not finite; the run stops with
+    one error naming it and the newest checkpoint, and saves nothing after it."""
+    from train.trainer import DivergedError
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    config = tiny_config(**{**SHORT, "total_steps": 16, "learning_rate": float("nan")})
+    with pytest.raises(DivergedError) as error:
+        train(config, workdir)
+    assert str(error.value).startswith("the loss, gradient or update is not finite at step 13")
+    assert f"newest checkpoint is step 12 ({workdir / 'checkpoints' / '12'})" in str(error.value)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 12]

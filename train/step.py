@@ -96,7 +96,9 @@ def make_train_step(
     """train_step(state, frozen {"t5", "vae", "unet"}, batch) -> (state, metrics). batch:
     "valid" (B,), "token_mask" (B, T), and either "image" (B, R, R, 3) in [-1, 1] and
     "input_ids" (B, T) (the frozen VAE and T5 run here) or their precomputed outputs
-    "latent_mean", "latent_logvar" (B, h, w, c) and "t5_features" (B, T, D)."""
+    "latent_mean", "latent_logvar" (B, h, w, c) and "t5_features" (B, T, D). metrics: "loss",
+    "grad_norm", "skipped" (invalid images), "finite" (False: the loss, the gradient or the
+    update was not finite, and the state was left as it was)."""
     per_example_loss = make_denoising_loss(models, alphas_cumprod, config.prediction_type)
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
@@ -144,13 +146,23 @@ def make_train_step(
         ema_params = jax.tree.map(
             lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p, state.ema_params, params
         )
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        # A non-finite step leaves the trained state as it was: no state with a NaN in it exists
+        # to be saved (the trainer stops on `finite`).
+        kept = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = TrainState(
-            state.step + 1, params, ema_params, opt_state, jax.random.key_data(rng)
+            state.step + 1,
+            kept(params, state.params),
+            kept(ema_params, state.ema_params),
+            kept(opt_state, state.opt_state),
+            jax.random.key_data(rng),
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "skipped": batch_size - jnp.sum(valid),
+            "finite": finite,
         }
         return new_state, metrics
 

@@ -44,6 +44,10 @@ class ConfigError(ValueError):
     """A training config that cannot run; raised before any compute."""
 
 
+class DivergedError(ValueError):
+    """A step whose loss, gradient or update was not finite; the run stopped before it."""
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key: missing folders, an ELLA that does not fit the UNet or the
     T5, an `ella_init` of another shape, a mesh that does not fit the devices, batch sizes the
@@ -258,6 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     # -------------------------------------------------------------------------------- Loop
     with _stop_on_signals() as stop:
         batch, skipped, pending, stopping = first, 0.0, None, False
+        unchecked: list[tuple[int, jax.Array]] = []  # (step, its "finite"), not yet fetched
         clock, clock_step = time.perf_counter(), start
         bar = tqdm(
             total=config.total_steps,
@@ -272,7 +277,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
             )
             state, metrics = compiled(state, frozen, global_batch)
+            unchecked.append((step, metrics["finite"]))
             if pending is not None:  # fetch the previous logged step while this one runs
+                unchecked = _check_finite(unchecked, pending[0], manager)
                 skipped = _log(writer, bar, *pending, learning_rate, throughput, skipped)
                 pending = None
             logged = step % config.log_every == 0 or step == config.total_steps
@@ -285,6 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 # steps ahead: asked at logged steps only, the same steps on every process.
                 stopping = _any_process(stop.requested)
             if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+                unchecked = _check_finite(unchecked, step, manager)  # the save waits for it too
                 checkpoint.save(manager, step, state, iterator)
             if step % config.sample_every == 0:
                 images = sampler(state.ema_params)
@@ -295,6 +303,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 break
             if step < config.total_steps:
                 batch = next(iterator)
+        _check_finite(unchecked, config.total_steps, manager)
         if pending is not None:
             _log(writer, bar, *pending, learning_rate, throughput, skipped)
     manager.wait_until_finished()
@@ -332,17 +341,39 @@ class _Throughput(NamedTuple):
         return {name: value for name, value in rates.items() if value is not None}
 
 
+def _check_finite(
+    unchecked: list[tuple[int, jax.Array]], up_to: int, manager
+) -> list[tuple[int, jax.Array]]:
+    """Raises DivergedError at the first step up to `up_to` that was not finite (naming the
+    newest checkpoint, all of whose steps were); returns the entries after `up_to`."""
+    due = [(step, flag) for step, flag in unchecked if step <= up_to]
+    for (step, _), finite in zip(due, jax.device_get([flag for _, flag in due]), strict=True):
+        if not finite:
+            manager.wait_until_finished()
+            newest = manager.latest_step()
+            resume = (
+                "no checkpoint was saved"
+                if newest is None
+                else f"the newest checkpoint is step {newest} ({manager.directory / str(newest)}),"
+                " where a rerun resumes"
+            )
+            raise DivergedError(
+                f"the loss, gradient or update is not finite at step {step} (not applied; the run "
+                f"stopped there, saving nothing of it): {resume}"
+            )
+    return [(step, flag) for step, flag in unchecked if step > up_to]
+
+
 def _log(writer, bar, step, metrics, seconds, steps, learning_rate, throughput, skipped) -> float:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     skipped += values.pop("skipped")
+    values.pop("finite")  # checked before (_check_finite)
     record = {
         **values,
         "lr": float(learning_rate(step - 1)),
         **throughput.record(seconds, steps),
         "skipped_images": skipped,
     }
-    if not np.isfinite(record["loss"]):
-        raise FloatingPointError(f"loss is {record['loss']} at step {step}")
     if writer is not None:
         writer.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
