@@ -21,8 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.ella_init = ""
 
     c.data = ml_collections.ConfigDict(
-        dict(source="array_record", path="", resolution=512, caption_dropout=0.1)
-    )  # [paper] 512 px; dropout [ours] (issue default; ip-adapter uses 0.05)
+        dict(
+            source="array_record",
+            path="",
+            resolution=512,  # [paper]
+            caption_dropout=0.1,  # [ours] (issue default; ip-adapter uses 0.05)
+            max_skipped_fraction=0.5,  # [ours] more unreadable images in a log interval: error
+        )
+    )
     c.token_length = 128  # [paper] T5 features at 128 tokens
     c.mask_padding = False  # [release] the reference connector attends all 128 positions
 

@@ -20,7 +20,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.ella_init = ""  # an ELLA checkpoint to start from ("": random init)
 
     c.data = ml_collections.ConfigDict(
-        dict(source="manifest", path="data/tiny/captions.jsonl", resolution=16, caption_dropout=0.1)
+        dict(
+            source="manifest",
+            path="data/tiny/captions.jsonl",
+            resolution=16,
+            caption_dropout=0.1,
+            max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error
+        )
     )
     c.token_length = 128
     c.mask_padding = False  # True: ELLA ignores padded T5 tokens

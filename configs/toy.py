@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
             path="out/toy-features",
             resolution=32,
             caption_dropout=0.1,
+            max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error
         )
     )
     # The toy captions are short: the connector reads 32 tokens with the padding masked

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import msgpack
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -84,3 +85,20 @@ def test_bad_manifest_line_is_named(tmp_path):
         data.read_manifest(manifest)
     with pytest.raises(ValueError, match="no ArrayRecord shards"):
         data.open_source("array_record", str(tmp_path / "*.array_record"))
+
+
+def test_only_unreadable_images_are_skipped_and_they_are_remembered(tmp_path):
+    """A missing or corrupt image is skipped and remembered; a record that is no image-caption
+    record at all (the wrong kind of shard) is an error, not a skipped image."""
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    skipped = data.Skipped(keep=1)
+    for image in (str(tmp_path / "absent.png"), str(tmp_path / "bad.png")):
+        example = data.decode({"image": image, "caption": "c"}, 16, skipped)
+        assert not example["valid"] and not example["image"].any()
+    assert skipped.count == 2 and "absent.png (FileNotFoundError" in skipped.describe()
+    precomputed = msgpack.packb(data.pack_arrays({"latent_mean": np.zeros(4), "caption": "c"}))
+    with pytest.raises(ValueError, match=r"not an image-caption record \(found \['caption', "):
+        data.decode(precomputed, 16)
+    prepare = data.precomputed_examples({})
+    with pytest.raises(ValueError, match=r"not a train\.precompute record"):
+        prepare(msgpack.packb({"image": b"png", "caption": "c"}), False)

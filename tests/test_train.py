@@ -314,3 +314,32 @@ def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(uninterrup
     assert str(error.value).startswith("the loss, gradient or update is not finite at step 13")
     assert f"newest checkpoint is step 12 ({workdir / 'checkpoints' / '12'})" in str(error.value)
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 12]
+
+
+def test_unreadable_images_stop_the_run(tmp_path):
+    """A manifest whose images are all missing (a wrong base path): one error at the first
+    batch, before any compute, naming an image and what to check."""
+    from train.trainer import DataError
+
+    records = [json.loads(line) for line in (ROOT / "data/tiny/captions.jsonl").open()]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = tiny_config()
+    config.data.path = str(tmp_path / "captions.jsonl")  # beside no image
+    message = r"no image of the first batch could be read .* e.g. .*images/\d+.png \(FileNotF"
+    with pytest.raises(DataError, match=message + r".*check data.path and data.source"):
+        train(config, tmp_path / "run")
+
+
+def test_too_many_skipped_images_over_a_logging_interval_stop_the_run(tmp_path):
+    """The interval's fraction, not one step's: 5 of 16 images pass, 9 of 16 do not."""
+    from train.trainer import DataError, _StepChecks
+
+    skipped = data.Skipped()
+    skipped.add("images/07.png", FileNotFoundError("gone"))
+    checks = _StepChecks(None, batch_size=8, max_skipped_fraction=0.5, skipped=skipped)
+    for step, count in [(1, 1), (2, 4), (3, 8), (4, 1)]:
+        checks.add(step, {"finite": np.bool_(True), "skipped": np.float32(count)})
+    checks.check(2, logged=True)  # 5 of 16
+    message = r"9 of the last 16 images could not be read \(more than data.max_skipped_fraction="
+    with pytest.raises(DataError, match=message + r"0.5\), 14 in all; e.g. images/07.png"):
+        checks.check(4, logged=True)

@@ -5,8 +5,10 @@ images with same-named .txt captions, ArrayRecord shards of msgpack records
 {"image": encoded bytes, "caption": str}, or the shards of `train.precompute` (VAE moments and T5
 features made once). Each example is decoded, resized (shorter side) and centre-cropped to the
 resolution, its caption dropped with probability p (so guidance works), and tokenized for T5 at
-the fixed length. A corrupt or unreadable image becomes a zero image with `valid` False: the loss
-masks it out and the metrics count it, the run never stops for it.
+the fixed length. An image that cannot be read or decoded becomes a zero image with `valid`
+False: the loss masks it out, the metrics count it, and `Skipped` remembers where it was (the
+trainer stops when too many are). A record that is not an image-caption record at all (the wrong
+kind of shard) is an error.
 
 Global batches do not depend on how many processes read them: the shuffled, repeated example
 sequence is cut into global batches, and process p reads rows [p * L, (p + 1) * L) of each
@@ -97,10 +99,41 @@ def open_source(kind: str, path: str) -> Any:
     )
 
 
-def decode(record: Any, resolution: int) -> dict[str, Any]:
-    """{"image": (R, R, 3) float32 in [-1, 1], "valid": bool, "caption": str}."""
+# What reading or decoding one image can raise (PIL: OSError incl. UnidentifiedImageError and
+# truncated files, ValueError, SyntaxError from some plugins, EOFError, DecompressionBombError).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class Skipped:
+    """The images that could not be read: a count and the first few, for the error that stops
+    a run when too many are."""
+
+    def __init__(self, keep: int = 3):
+        self.count, self.examples, self.keep = 0, [], keep
+
+    def add(self, where: str, error: Exception) -> None:
+        self.count += 1
+        if len(self.examples) < self.keep:
+            message = " ".join(str(error).split())
+            self.examples.append(f"{where} ({type(error).__name__}: {message})")
+
+    def describe(self) -> str:
+        """The first unreadable images, and what to check."""
+        return f"e.g. {'; '.join(self.examples) or '-'}: check data.path and data.source"
+
+
+def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict[str, Any]:
+    """{"image": (R, R, 3) float32 in [-1, 1], "valid": bool, "caption": str}. An image that
+    cannot be read is invalid (and added to `skipped`); a record without an image is a
+    ValueError."""
     if isinstance(record, bytes):
         record = msgpack.unpackb(record)
+    if not isinstance(record, dict) or not isinstance(record.get("image"), bytes | str):
+        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(
+            f"a data record is not an image-caption record (found {fields}): does data.source "
+            "name the kind of data data.path holds?"
+        )
     caption = str(record.get("caption", ""))
     try:
         source = record["image"]
@@ -117,7 +150,10 @@ def decode(record: Any, resolution: int) -> dict[str, Any]:
             image = image.crop((left, top, left + resolution, top + resolution))
             pixels = np.asarray(image, np.float32) / 127.5 - 1.0
         return {"image": pixels, "valid": True, "caption": caption}
-    except Exception:  # any unreadable image: skipped by the loss, counted by the metrics
+    except IMAGE_ERRORS as e:  # skipped by the loss, counted by the metrics
+        if skipped is not None:
+            where = source if isinstance(source, str) else f"an encoded image, caption {caption!r}"
+            skipped.add(where, e)
         return {
             "image": np.zeros((resolution, resolution, 3), np.float32),
             "valid": False,
@@ -126,13 +162,16 @@ def decode(record: Any, resolution: int) -> dict[str, Any]:
 
 
 def online_examples(
-    tokenize: Callable[[str], tuple[np.ndarray, np.ndarray]], resolution: int
+    tokenize: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    resolution: int,
+    skipped: Skipped | None = None,
 ) -> Callable[[Any, bool], dict]:
     """prepare(record, drop_caption) for image-caption records: {"image" (R, R, 3), "valid",
-    "input_ids" (T,), "token_mask" (T,)}; the frozen T5 and VAE run in the train step."""
+    "input_ids" (T,), "token_mask" (T,)}; the frozen T5 and VAE run in the train step. Images
+    that cannot be read are added to `skipped`."""
 
     def prepare(record: Any, drop_caption: bool) -> dict:
-        decoded = decode(record, resolution)
+        decoded = decode(record, resolution, skipped)
         caption = decoded.pop("caption")
         ids, mask = tokenize("" if drop_caption else caption)
         return {**decoded, "input_ids": ids, "token_mask": mask}
@@ -147,6 +186,11 @@ def precomputed_examples(empty: dict[str, np.ndarray]) -> Callable[[Any, bool], 
 
     def prepare(record: Any, drop_caption: bool) -> dict:
         fields = unpack_arrays(msgpack.unpackb(record))
+        if "latent_mean" not in fields:
+            raise ValueError(
+                f"a data record is not a train.precompute record (found {sorted(fields)}): "
+                "does data.source name the kind of data data.path holds?"
+            )
         text = empty if drop_caption else fields
         return {
             "latent_mean": fields["latent_mean"],

@@ -48,6 +48,10 @@ class DivergedError(ValueError):
     """A step whose loss, gradient or update was not finite; the run stopped before it."""
 
 
+class DataError(ValueError):
+    """Data the run cannot train on: too many unreadable images."""
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key: missing folders, an ELLA that does not fit the UNet or the
     T5, an `ella_init` of another shape, a mesh that does not fit the devices, batch sizes the
@@ -81,6 +85,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "checkpoint_every", "log_every", "sample_every"):
         if config[key] <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
+    if not 0 < config.data.max_skipped_fraction <= 1:
+        raise ConfigError(
+            f"config.data.max_skipped_fraction={config.data.max_skipped_fraction} must be in (0, 1]"
+        )
     if config.remat not in REMAT:
         raise ConfigError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT)}")
     d_model = read_json(Path(config.t5) / "config.json").get("d_model")
@@ -190,6 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
 
     # -------------------------------------------------------------------------------- Data
     tokenizer = load_tokenizer(config.t5)
+    skipped_images = data.Skipped()  # this process's unreadable images
 
     def tokenize_one(caption: str) -> tuple[np.ndarray, np.ndarray]:
         ids, mask = tokenize(tokenizer, [caption], config.token_length)
@@ -199,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         empty = dict(np.load(Path(config.data.path) / data.EMPTY_CAPTION_FILE))
         prepare = data.precomputed_examples(empty)
     else:
-        prepare = data.online_examples(tokenize_one, config.data.resolution)
+        prepare = data.online_examples(tokenize_one, config.data.resolution, skipped_images)
     dataset = data.make_dataset(
         data.open_source(config.data.source, config.data.path),
         prepare,
@@ -237,6 +246,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     models = Models(t5, vae, unet.clone(remat=config.remat == "blocks"), ella)
     train_step = make_train_step(models, optimizer, acp, step_config)
     first = next(iterator)
+    if not _any_process(bool(np.any(first["valid"]))):
+        raise DataError(
+            f"no image of the first batch could be read ({skipped_images.count} unreadable "
+            f"so far on this process); {skipped_images.describe()}"
+        )
     batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), first)
     abstract_batch = jax.tree.map(_global_shape(config.batch_size), first)
     compiled = (
@@ -261,8 +275,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
 
     # -------------------------------------------------------------------------------- Loop
     with _stop_on_signals() as stop:
-        batch, skipped, pending, stopping = first, 0.0, None, False
-        unchecked: list[tuple[int, jax.Array]] = []  # (step, its "finite"), not yet fetched
+        batch, pending, stopping = first, None, False
+        checks = _StepChecks(
+            manager, config.batch_size, config.data.max_skipped_fraction, skipped_images
+        )
         clock, clock_step = time.perf_counter(), start
         bar = tqdm(
             total=config.total_steps,
@@ -277,10 +293,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
             )
             state, metrics = compiled(state, frozen, global_batch)
-            unchecked.append((step, metrics["finite"]))
+            checks.add(step, metrics)
             if pending is not None:  # fetch the previous logged step while this one runs
-                unchecked = _check_finite(unchecked, pending[0], manager)
-                skipped = _log(writer, bar, *pending, learning_rate, throughput, skipped)
+                checks.check(pending[0], logged=True)
+                _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
                 pending = None
             logged = step % config.log_every == 0 or step == config.total_steps
             if logged:
@@ -292,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 # steps ahead: asked at logged steps only, the same steps on every process.
                 stopping = _any_process(stop.requested)
             if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-                unchecked = _check_finite(unchecked, step, manager)  # the save waits for it too
+                checks.check(step, logged=False)  # the save would wait for the step too
                 checkpoint.save(manager, step, state, iterator)
             if step % config.sample_every == 0:
                 images = sampler(state.ema_params)
@@ -303,9 +319,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
                 break
             if step < config.total_steps:
                 batch = next(iterator)
-        _check_finite(unchecked, config.total_steps, manager)
         if pending is not None:
-            _log(writer, bar, *pending, learning_rate, throughput, skipped)
+            checks.check(pending[0], logged=True)
+            _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
+        checks.check(config.total_steps, logged=False)
     manager.wait_until_finished()
     bar.close()
     if writer is not None:
@@ -341,33 +358,58 @@ class _Throughput(NamedTuple):
         return {name: value for name, value in rates.items() if value is not None}
 
 
-def _check_finite(
-    unchecked: list[tuple[int, jax.Array]], up_to: int, manager
-) -> list[tuple[int, jax.Array]]:
-    """Raises DivergedError at the first step up to `up_to` that was not finite (naming the
-    newest checkpoint, all of whose steps were); returns the entries after `up_to`."""
-    due = [(step, flag) for step, flag in unchecked if step <= up_to]
-    for (step, _), finite in zip(due, jax.device_get([flag for _, flag in due]), strict=True):
-        if not finite:
-            manager.wait_until_finished()
-            newest = manager.latest_step()
-            resume = (
-                "no checkpoint was saved"
-                if newest is None
-                else f"the newest checkpoint is step {newest} ({manager.directory / str(newest)}),"
-                " where a rerun resumes"
-            )
-            raise DivergedError(
-                f"the loss, gradient or update is not finite at step {step} (not applied; the run "
-                f"stopped there, saving nothing of it): {resume}"
-            )
-    return [(step, flag) for step, flag in unchecked if step > up_to]
+class _StepChecks:
+    """What the host reads of each step lazily, at logged and saved steps (a step's outputs are
+    fetched only once it has finished): whether it was finite, and how many images it skipped.
+    A non-finite step, or more unreadable images over a logging interval than
+    `max_skipped_fraction` of them, stops the run with one error."""
+
+    def __init__(self, manager, batch_size: int, max_skipped_fraction: float, skipped):
+        self.manager, self.batch_size = manager, batch_size
+        self.max_fraction, self.skipped = max_skipped_fraction, skipped  # data.Skipped
+        self.pending: list[tuple[int, jax.Array, jax.Array]] = []  # (step, finite, skipped)
+        self.total_skipped = self.window_skipped = self.window_steps = 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics["finite"], metrics["skipped"]))
+
+    def check(self, up_to: int, logged: bool) -> None:
+        """Checks the steps up to `up_to`; at a logged step, the interval's skipped images."""
+        due = [entry for entry in self.pending if entry[0] <= up_to]
+        self.pending = [entry for entry in self.pending if entry[0] > up_to]
+        fetched = jax.device_get([(finite, skipped) for _, finite, skipped in due])
+        for (step, _, _), (finite, skipped) in zip(due, fetched, strict=True):
+            if not finite:
+                raise DivergedError(
+                    f"the loss, gradient or update is not finite at step {step} (not applied; "
+                    f"the run stopped there, saving nothing of it): {self._resume()}"
+                )
+            self.total_skipped += int(skipped)
+            self.window_skipped += int(skipped)
+            self.window_steps += 1
+        if logged and self.window_steps:
+            images = self.window_steps * self.batch_size
+            if self.window_skipped > self.max_fraction * images:
+                raise DataError(
+                    f"{self.window_skipped} of the last {images} images could not be read (more "
+                    f"than data.max_skipped_fraction={self.max_fraction}), "
+                    f"{self.total_skipped} in all; {self.skipped.describe()}"
+                )
+            self.window_skipped = self.window_steps = 0
+
+    def _resume(self) -> str:
+        self.manager.wait_until_finished()
+        newest = self.manager.latest_step()
+        if newest is None:
+            return "no checkpoint was saved"
+        path = self.manager.directory / str(newest)
+        return f"the newest checkpoint is step {newest} ({path}), where a rerun resumes"
 
 
-def _log(writer, bar, step, metrics, seconds, steps, learning_rate, throughput, skipped) -> float:
+def _log(writer, bar, step, metrics, seconds, steps, learning_rate, throughput, skipped) -> None:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    skipped += values.pop("skipped")
-    values.pop("finite")  # checked before (_check_finite)
+    for checked in ("skipped", "finite"):  # by _StepChecks, over every step
+        values.pop(checked)
     record = {
         **values,
         "lr": float(learning_rate(step - 1)),
@@ -377,7 +419,6 @@ def _log(writer, bar, step, metrics, seconds, steps, learning_rate, throughput, 
     if writer is not None:
         writer.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-    return skipped
 
 
 class _StopFlag:
