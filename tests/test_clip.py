@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
+import transformers
 from conftest import REFERENCE, relative_error
 
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.tensors import CheckpointError, read_safetensors
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SD = REFERENCE / "sd"
 PROMPTS = [*np.load(REFERENCE / "pipeline_io.npz")["prompts"].tolist(), ""]

@@ -63,7 +63,8 @@ def test_heads_must_divide_width():
 def test_released_size_matches_torch_eager(released_checkpoint):
     """The full-size connector (random float16 weights of the released layout) against the
     PyTorch eager implementation at B=2, 128 tokens, with a token mask."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from bench.torch_ella import TorchELLA
     from ella_jax.weights.tensors import read_safetensors
 

@@ -11,17 +11,17 @@ import inspect
 import json
 import math
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from conftest import REFERENCE, relative_error
 
 from ella_jax import schedulers
 from ella_jax.schedulers import SchedulerConfig
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 diffusers.utils.logging.set_verbosity_error()
 # diffusers' own np.array(torch tensor) calls warn under numpy 2.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

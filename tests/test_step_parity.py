@@ -77,7 +77,6 @@ def jax_loss_and_gradients(dtype: str, remat: bool) -> tuple[np.ndarray, dict[st
 
 @pytest.fixture(scope="module")
 def reference():
-    pytest.importorskip("torch")
     return pytorch_loss_and_gradients()
 
 

@@ -101,7 +101,6 @@ def diffusers_variant(variant: str, folder: str) -> tuple[dict, np.ndarray]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_config_variants_match_diffusers(kernels, variant, tmp_path_factory):
-    pytest.importorskip("torch")
     folder = tmp_path_factory.getbasetemp() / f"unet_{variant}"
     inputs, expected = diffusers_variant(variant, str(folder))
     model, params = load_unet(folder)
