@@ -23,9 +23,12 @@ PROMPTS = ["A red cube, on a table!", "two blue balls", "a cat " + "very " * 20 
 NAMES = [f"{i}_{slugify(prompt)}.png" for i, prompt in enumerate(PROMPTS)]
 
 
-def echo_reply(messages: list[dict[str, str]]) -> str:
-    """A fake LLM for --upsample-captions: answers with the last user turn, padded."""
-    return f"  {messages[-1]['content']}\n"
+UPSAMPLED = "in a garden under a starry sky"
+
+
+def detailing_reply(messages: list[dict[str, str]]) -> str:
+    """A fake LLM for --upsample-captions: the last user turn with words added, padded."""
+    return f"  {messages[-1]['content']} {UPSAMPLED}\n"
 
 
 def prompt_args() -> list[str]:
@@ -48,12 +51,10 @@ def batched(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """The same prompts one at a time, with the SD comparison and an (echoing) caption
-    upsampler."""
+    """The same prompts one at a time, with the SD comparison."""
     out = tmp_path_factory.mktemp("single")
     argv = [*MODELS, *prompt_args(), "--batch-size", "1", "--seed", "7", "--out", str(out)]
-    argv += ["--compare-sd", "--upsample-captions", f"{__name__}:echo_reply"]
-    assert main(argv) == 0
+    assert main([*argv, "--compare-sd"]) == 0
     return out
 
 
@@ -82,14 +83,37 @@ def test_batch_size_does_not_change_images(batched, single):
         assert difference <= 1, name
 
 
-def test_compare_sd_and_upsampled_metadata(single):
-    for name, prompt in zip(NAMES, PROMPTS, strict=True):
+def test_compare_sd(single):
+    for name in NAMES:
         compare = single / name.replace(".png", "_compare.png")
         assert Image.open(compare).size == (32, 16)
         # ELLA's image is the left half.
         assert np.array_equal(pixels(compare)[:, :16], pixels(single / name))
-        metadata = json.loads(Image.open(single / name).text["ella-jax"])
-        assert metadata["prompt"] == prompt and metadata["upsampled_prompt"] == prompt
+
+
+def test_upsampled_captions_reach_the_encoders(batched, tmp_path, monkeypatch):
+    """The upsampler's caption, not the prompt, is what T5 encodes; the images (the batched
+    run's batch and seeds, so only the text differs) change, and the metadata keeps both."""
+    from ella_jax.pipeline import ELLAPipeline
+
+    encoded = []
+    encode_prompt = ELLAPipeline.encode_prompt
+
+    def recording(self, prompts, *args, **kwargs):
+        encoded.extend(prompts)
+        return encode_prompt(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ELLAPipeline, "encode_prompt", recording)
+    argv = [*MODELS, *prompt_args(), "--batch-size", "3", "--seed", "7", "--out", str(tmp_path)]
+    assert main([*argv, "--upsample-captions", f"{__name__}:detailing_reply"]) == 0
+    assert {f"{prompt} {UPSAMPLED}" for prompt in PROMPTS} <= set(encoded)
+    assert not set(PROMPTS) & set(encoded)
+    for name, prompt in zip(NAMES, PROMPTS, strict=True):
+        metadata = json.loads(Image.open(tmp_path / name).text["ella-jax"])
+        assert metadata["prompt"] == prompt
+        assert metadata["upsampled_prompt"] == f"{prompt} {UPSAMPLED}"
+        # The tiny random UNet barely listens to its context: a pixel level or so, but not 0.
+        assert np.abs(pixels(tmp_path / name) - pixels(batched / name)).max() > 0, name
 
 
 def test_dpg_bench_grids_and_resume(tmp_path, capsys):
