@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
             resolution=512,  # [paper]
             caption_dropout=0.1,  # [ours] (issue default; ip-adapter uses 0.05)
             max_skipped_fraction=0.5,  # [ours] more unreadable images in a log interval: error
+            read_threads=16,  # [ours] decoding threads per process
+            prefetch_batches=4,  # [ours] batches read ahead per process (host memory)
         )
     )
     c.token_length = 128  # [paper] T5 features at 128 tokens

@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
             resolution=32,
             caption_dropout=0.1,
             max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error
+            read_threads=16,  # decoding threads per process
+            prefetch_batches=4,  # batches read ahead per process (host memory)
         )
     )
     # The toy captions are short: the connector reads 32 tokens with the padding masked

@@ -134,6 +134,36 @@ def train_step_setup(config, source, resolution: int):
     return make_step, frozen, batch
 
 
+def start(command: list[str], log: Path):
+    """`command` run from the repository root with its stdout and stderr going to the file
+    `log`: a pipe that the test did not drain would block the child once full."""
+    import subprocess
+
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}
+    with log.open("w") as output:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, text=True
+        )
+
+
+def wait_for(process, log: Path, done, timeout: float = 300) -> str:
+    """Polls until `done(text of log)`; the process ending first, or the timeout, fails the
+    test with the log's tail instead of hanging the suite. Returns the log's text."""
+    import time
+
+    deadline = time.time() + timeout
+    while not done(text := log.read_text()):
+        assert process.poll() is None and time.time() < deadline, text[-4000:]
+        time.sleep(0.05)
+    return text
+
+
+def finish(process, log: Path, timeout: float = 600) -> str:
+    """Waits for the process to end; returns its log."""
+    process.wait(timeout=timeout)
+    return log.read_text()
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     import json
 

@@ -45,6 +45,9 @@ def run_command(
     except (CheckpointError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second SIGINT: no checkpoint
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -148,7 +149,20 @@ def _check_precomputed(config: ml_collections.ConfigDict, d_model: int) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    workdir = Path(workdir)
+    """Trains (or resumes) the run of `config` in `workdir`. From its first line on, SIGTERM and
+    SIGINT stop the run at its next step (the next logged step when there are several
+    processes) with a checkpoint; a second SIGINT interrupts at once."""
+    with _stop_on_signals() as stop:
+        print(
+            f"process {jax.process_index()} of {jax.process_count()}, "
+            f"{jax.local_device_count()} of {jax.device_count()} devices: "
+            "SIGTERM or SIGINT saves a checkpoint and stops",
+            flush=True,
+        )
+        _train(config, Path(workdir), stop)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     check_config(config)
 
@@ -218,7 +232,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
         jax.process_index(),
         jax.process_count(),
     )
-    iterator = iter(dataset.to_iter_dataset())
+    # A short read-ahead: grain's default of 500 batches would hold hundreds of GiB of decoded
+    # images at the paper's batch size, and its threads would take the cores from the compile.
+    read = grain.ReadOptions(
+        num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch_batches
+    )
+    iterator = iter(dataset.to_iter_dataset(read))
 
     # ------------------------------------------------------------------------------ Resume
     manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
@@ -246,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     models = Models(t5, vae, unet.clone(remat=config.remat == "blocks"), ella)
     train_step = make_train_step(models, optimizer, acp, step_config)
     first = next(iterator)
-    if not _any_process(bool(np.any(first["valid"]))):
+    if not _any_process(bool(np.any(first["valid"])), after=state):
         raise DataError(
             f"no image of the first batch could be read ({skipped_images.count} unreadable "
             f"so far on this process); {skipped_images.describe()}"
@@ -274,55 +293,54 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     sampler = _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
-    with _stop_on_signals() as stop:
-        batch, pending, stopping = first, None, False
-        checks = _StepChecks(
-            manager, config.batch_size, config.data.max_skipped_fraction, skipped_images
+    batch, pending, stopping = first, None, False
+    checks = _StepChecks(
+        manager, config.batch_size, config.data.max_skipped_fraction, skipped_images
+    )
+    clock, clock_step = time.perf_counter(), start
+    bar = tqdm(
+        total=config.total_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not primary,
+    )
+    for step in range(start + 1, config.total_steps + 1):
+        global_batch = jax.tree.map(
+            lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
         )
-        clock, clock_step = time.perf_counter(), start
-        bar = tqdm(
-            total=config.total_steps,
-            initial=start,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not primary,
-        )
-        for step in range(start + 1, config.total_steps + 1):
-            global_batch = jax.tree.map(
-                lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
-            )
-            state, metrics = compiled(state, frozen, global_batch)
-            checks.add(step, metrics)
-            if pending is not None:  # fetch the previous logged step while this one runs
-                checks.check(pending[0], logged=True)
-                _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
-                pending = None
-            logged = step % config.log_every == 0 or step == config.total_steps
-            if logged:
-                now = time.perf_counter()
-                pending = (step, metrics, now - clock, step - clock_step)
-                clock, clock_step = now, step
-            if logged or jax.process_count() == 1:
-                # Across processes a blocking collective, which would keep the host from queueing
-                # steps ahead: asked at logged steps only, the same steps on every process.
-                stopping = _any_process(stop.requested)
-            if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-                checks.check(step, logged=False)  # the save would wait for the step too
-                checkpoint.save(manager, step, state, iterator)
-            if step % config.sample_every == 0:
-                images = sampler(state.ema_params)
-                if primary:
-                    save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
-            bar.update(1)
-            if stopping:
-                break
-            if step < config.total_steps:
-                batch = next(iterator)
-        if pending is not None:
+        state, metrics = compiled(state, frozen, global_batch)
+        checks.add(step, metrics)
+        if pending is not None:  # fetch the previous logged step while this one runs
             checks.check(pending[0], logged=True)
             _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
-        checks.check(config.total_steps, logged=False)
+            pending = None
+        logged = step % config.log_every == 0 or step == config.total_steps
+        if logged:
+            now = time.perf_counter()
+            pending = (step, metrics, now - clock, step - clock_step)
+            clock, clock_step = now, step
+        if logged or jax.process_count() == 1:
+            # Across processes a blocking collective, which would keep the host from queueing
+            # steps ahead: asked at logged steps only, the same steps on every process.
+            stopping = _any_process(stop.requested, after=state)
+        if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+            checks.check(step, logged=False)  # the save would wait for the step too
+            checkpoint.save(manager, step, state, iterator)
+        if step % config.sample_every == 0:
+            images = sampler(state.ema_params)
+            if primary:
+                save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
+        bar.update(1)
+        if stopping:
+            break
+        if step < config.total_steps:
+            batch = next(iterator)
+    if pending is not None:
+        checks.check(pending[0], logged=True)
+        _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
+    checks.check(config.total_steps, logged=False)
     manager.wait_until_finished()
     bar.close()
     if writer is not None:
@@ -427,10 +445,13 @@ class _StopFlag:
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[_StopFlag]:
-    """While active, SIGTERM / SIGINT ask the loop to save a checkpoint and return."""
+    """While active, SIGTERM / SIGINT ask the loop to save a checkpoint and return (a second
+    SIGINT raises KeyboardInterrupt: a run asked to stop during a long compile can be left)."""
     flag = _StopFlag()
 
     def request(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         flag.requested = True
 
     previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -484,8 +505,14 @@ def _to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _any_process(flag: bool) -> bool:
-    """True on every process when it is True on any (they must stop at the same step)."""
+def _any_process(flag: bool, after) -> bool:
+    """True on every process when it is True on any (they must stop at the same step). The
+    arrays `after` (the outputs of the step in flight) are waited for first on the CPU: XLA:CPU
+    runs programs without data dependencies side by side, so this all-gather could run beside
+    the step, and two processes that interleave the two programs' collectives differently
+    deadlock in gloo (GPUs and TPUs run one device's programs in order)."""
     if jax.process_count() == 1:
         return flag
+    if jax.default_backend() == "cpu":
+        jax.block_until_ready(after)
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
