@@ -3,4 +3,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test
 ruff check .
-python -m pytest "$@"
+# Two workers, each test module on one of them (its compiled models shared by its tests);
+# ELLA_JAX_TEST_WORKERS=0 runs in this process. Arguments go to pytest.
+python -m pytest -n "${ELLA_JAX_TEST_WORKERS:-2}" --dist loadscope "$@"

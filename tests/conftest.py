@@ -172,10 +172,18 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory) -> Path:
-    """The SHORT tiny run, one process with the 8 fake devices, uninterrupted."""
+    """The SHORT tiny run, one process with the 8 fake devices, uninterrupted; made once for
+    all pytest-xdist workers (in the folder they share), read-only for the tests."""
+    from filelock import FileLock
+
     from train.trainer import train
 
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    os.chdir(ROOT)
-    train(tiny_config(**SHORT), workdir)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    workdir = shared / "uninterrupted"
+    with FileLock(shared / "uninterrupted.lock"):
+        if not (workdir / "ella.safetensors").exists():
+            os.chdir(ROOT)
+            train(tiny_config(**SHORT), workdir)
     return workdir
