@@ -202,3 +202,15 @@ def test_heads_are_read_from_what_is_stored_with_the_file(tmp_path):
     (beside.parent / "ella_config.json").write_text(json.dumps({**config, "width": 32}))
     with pytest.raises(CheckpointError, match=r"width=32, but the tensors of .* have width=64"):
         load_ella(beside)
+
+
+def test_info_describes_the_checkpoint_and_runs_it(capsys):
+    """`convert info` on the fixture ELLA: its config (heads from ella_config.json beside it),
+    the parameter count of the file's tensors, a finite forward pass of the asked shape."""
+    tensors = safetensors.numpy.load_file(REFERENCE / "ella.safetensors")
+    count = sum(t.size for t in tensors.values())
+    assert main(["info", str(REFERENCE / "ella.safetensors"), "--batch", "3", "--tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "width=64 layers=2 heads=4 num_latents=16 input_dim=96" in out
+    assert f"{count:,} parameters in {len(tensors)} tensors" in out
+    assert "features (3, 5, 96) at timestep 999 -> (3, 16, 64) float32, finite=True" in out

@@ -1,5 +1,5 @@
 """The pipeline against the official ELLA inference (fixtures/reference/pipeline_io.npz), on both
-kernel paths (`ella_jax.kernels`)."""
+kernel paths (`ella_jax.kernels`); ELLA+CLIP with a negative prompt against a PyTorch loop."""
 
 import numpy as np
 import pytest
@@ -107,3 +107,72 @@ def test_importing_ella_jax_stays_light():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert result.stdout.strip() == "[]"
+
+
+def torch_ella_clip_latents(negative_prompt: str) -> np.ndarray:
+    """The ELLA+CLIP sampling loop in PyTorch, from the reference pieces: transformers' T5 and
+    CLIP text models, the official ELLA (bench.torch_ella), diffusers' UNet and DPM-Solver++;
+    ELLA's tokens first, then CLIP's 77 (as the authors' ComfyUI node), classifier-free guidance
+    against `negative_prompt`. Returns the final latents NHWC."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from bench.torch_ella import TorchELLA
+    from ella_jax.text import load_tokenizer, tokenize
+    from ella_jax.weights.tensors import read_json, read_safetensors
+
+    texts = [negative_prompt] * len(PROMPTS) + PROMPTS
+    t5_ids, t5_mask = tokenize(load_tokenizer(REFERENCE / "t5"), texts, 128)
+    clip_ids, _ = tokenize(load_tokenizer(REFERENCE / "sd" / "tokenizer"), texts, 77)
+    with torch.no_grad():
+        t5 = T5EncoderModel.from_pretrained(REFERENCE / "t5").eval()
+        t5_inputs = dict(
+            input_ids=torch.from_numpy(t5_ids), attention_mask=torch.from_numpy(t5_mask)
+        )
+        features = t5(**t5_inputs).last_hidden_state  # ELLA then attends all 128
+        clip = CLIPTextModel.from_pretrained(REFERENCE / "sd" / "text_encoder").eval()
+        clip_context = clip(torch.from_numpy(clip_ids)).last_hidden_state
+        ella = TorchELLA(**read_json(REFERENCE / "ella_config.json")).eval()
+        tensors = read_safetensors(REFERENCE / "ella.safetensors")
+        ella.load_state_dict(
+            {k: torch.from_numpy(v.astype(np.float32)) for k, v in tensors.items()}
+        )
+        unet = UNet2DConditionModel.from_pretrained(REFERENCE / "sd" / "unet").eval()
+        scheduler = DPMSolverMultistepScheduler.from_pretrained(REFERENCE / "sd" / "scheduler")
+        scheduler.set_timesteps(int(IO["steps"]))
+        x = torch.from_numpy(IO["latents0"]) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            timestep = t.float().repeat(len(texts))
+            context = torch.cat([ella(features, timestep), clip_context], dim=1)
+            x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+            uncond, cond = unet(x_in, t, context).sample.chunk(2)
+            x = scheduler.step(uncond + float(IO["guidance"]) * (cond - uncond), t, x).prev_sample
+    return nhwc(x.numpy())
+
+
+def test_ella_clip_with_a_negative_prompt_matches_pytorch():
+    """mode="ella+clip" with a negative prompt against the PyTorch loop above; CLIP's tokens
+    and the negative prompt each move the result far above the tolerance."""
+    pipe = ELLAPipeline.from_pretrained(
+        sd=REFERENCE / "sd",
+        t5=REFERENCE / "t5",
+        ella=REFERENCE / "ella.safetensors",
+        ella_heads=4,
+    )
+    negative = "blurry, low quality"
+    latents = pipe(
+        PROMPTS,
+        negative_prompt=negative,
+        num_inference_steps=int(IO["steps"]),
+        guidance_scale=float(IO["guidance"]),
+        latents=nhwc(IO["latents0"]),
+        output_type="latent",
+        mode="ella+clip",
+    )
+    expected = torch_ella_clip_latents(negative)
+    assert relative_error(latents, expected) < 1e-4
+    # Measured: the negative prompt moves the latents by 3.9e-3; CLIP's tokens and the negative
+    # prompt together (against ELLA alone, "" negative) by 2.9e-2.
+    assert relative_error(expected, torch_ella_clip_latents("")) > 1e-3
+    assert relative_error(expected, nhwc(IO["latents_fixed"])) > 1e-2

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -78,6 +79,29 @@ def test_convert_exports_a_saved_checkpoint(uninterrupted, tmp_path):
     assert sorted(final) == sorted(again)
     assert all(final[k].tobytes() == again[k].tobytes() for k in final)
     assert main(["export", str(uninterrupted), str(tmp_path / "x.safetensors"), "--step", "5"]) == 2
+
+
+def test_convert_exports_the_raw_weights_in_another_dtype(uninterrupted, tmp_path):
+    """--weights params --dtype bfloat16: the optimizer's weights of step 8 (not the EMA that
+    train.main exports), as read from orbax's own files, rounded to bfloat16."""
+    import orbax.checkpoint as ocp
+
+    from convert.__main__ import main
+    from ella_jax.weights.naming import params_to_torch
+
+    out = tmp_path / "raw.safetensors"
+    args = ["export", str(uninterrupted), str(out), "--step", "8", "--weights", "params"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    saved = ocp.StandardCheckpointer().restore(uninterrupted / "checkpoints" / "8" / "state")
+    expected = params_to_torch(saved["params"])
+    exported = safetensors.numpy.load_file(out)
+    ema = safetensors.numpy.load_file(uninterrupted / "ella.safetensors")
+    assert sorted(exported) == sorted(expected)
+    for name, tensor in exported.items():
+        assert str(tensor.dtype) == "bfloat16", name
+        rounded = np.asarray(expected[name], np.float32).astype(tensor.dtype)
+        np.testing.assert_array_equal(tensor, rounded, err_msg=name)
+    assert any(not np.allclose(exported[k].astype(np.float32), ema[k]) for k in ema)
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +373,36 @@ def test_a_step_that_is_not_finite_changes_nothing(tiny_setup):
         np.testing.assert_array_equal(new, old)
 
 
+def test_invalid_images_add_nothing_and_the_ema_follows_the_params(tiny_setup):
+    """Row 0 marked invalid: whatever its pixels, the loss and the update are the same, and
+    they differ from the step where it counts. The EMA moves by (1 - 0.9) of the way to the
+    new params (the ema_decay of train_step_setup)."""
+    step, state, frozen, batch = tiny_setup
+    state, step = at_learning_rate(state, 10.0), jax.jit(step)
+    rng = np.random.default_rng(0)
+
+    def with_row_0(image, valid):
+        images = batch["image"].copy()
+        images[0] = image
+        return {**batch, "image": images, "valid": np.array([valid] + [True] * 7)}
+
+    noise = [rng.uniform(-1, 1, batch["image"].shape[1:]).astype(np.float32) for _ in range(2)]
+    runs = [step(state, frozen, with_row_0(image, False)) for image in noise]
+    counted_state, counted = step(state, frozen, with_row_0(noise[0], True))
+    (state_a, metrics_a), (state_b, metrics_b) = runs
+    assert float(metrics_a["loss"]) == float(metrics_b["loss"]) != float(counted["loss"])
+    assert int(metrics_a["skipped"]) == 1 and int(counted["skipped"]) == 0
+    leaves = jax.tree.leaves
+    for a, b in zip(leaves(state_a.params), leaves(state_b.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    pairs = zip(leaves(state_a.params), leaves(counted_state.params), strict=True)
+    assert any(not np.array_equal(a, c) for a, c in pairs)
+    triples = zip(leaves(state_a.ema_params), leaves(state.ema_params), leaves(state_a.params),
+                  strict=True)  # fmt: skip
+    for ema, old, new in triples:
+        np.testing.assert_allclose(ema, 0.9 * old + 0.1 * new, rtol=1e-6, atol=1e-7)
+
+
 def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(uninterrupted, tmp_path):
     """Resumed at step 12 with a NaN learning rate: step 13 is not finite; the run stops with
     one error naming it and the newest checkpoint, and saves nothing after it."""
@@ -362,6 +416,49 @@ def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(uninterrup
     assert str(error.value).startswith("the loss, gradient or update is not finite at step 13")
     assert f"newest checkpoint is step 12 ({workdir / 'checkpoints' / '12'})" in str(error.value)
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 12]
+
+
+def damage(step_dir: Path) -> None:
+    """Cuts every array file of an orbax step to half its size, as a failing disk would."""
+    for file in step_dir.rglob("d/*"):
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def test_a_damaged_checkpoint_and_a_cut_metrics_line_are_survived(uninterrupted, tmp_path, capfd):
+    """Step 12's arrays cut short and the metrics' last line cut (a run killed while writing
+    it): the rerun says so, moves step 12 aside, resumes from step 8 and ends as the
+    uninterrupted run did. `convert export` of the damaged step names it in one error."""
+    from convert.__main__ import main
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    damage(workdir / "checkpoints" / "12")
+    (workdir / "ella.safetensors").unlink()
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 14, "lo')
+    assert main(["export", str(workdir), str(tmp_path / "x.safetensors"), "--step", "12"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith(f"error: {workdir / 'checkpoints' / '12'}: unreadable"), err
+
+    train(tiny_config(**SHORT), workdir)
+    err = capfd.readouterr().err
+    assert f"warning: checkpoint {workdir / 'checkpoints' / '12'} is unreadable" in err
+    assert "moved aside to 12.unreadable" in err
+    assert f"warning: {workdir / 'metrics.jsonl'}:7: dropped a cut-short last line" in err
+    names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert names == ["12", "12.unreadable", "8"]
+    resumed, reference = read_metrics(workdir), read_metrics(uninterrupted)
+    assert [m["step"] for m in resumed] == [m["step"] for m in reference]
+    for a, b in zip(resumed, reference, strict=True):
+        assert relative_error(a["loss"], b["loss"]) < 1e-6, a["step"]
+
+
+def test_a_bad_metrics_line_is_an_error_naming_it(tmp_path):
+    from train.metrics import MetricsWriter
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\nnot json\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'metrics.jsonl'}:2: not a metrics entry"):
+        MetricsWriter(tmp_path, resume_step=4)
 
 
 def test_unreadable_images_stop_the_run(tmp_path):

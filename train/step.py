@@ -87,6 +87,24 @@ def make_denoising_loss(
     return per_example_loss
 
 
+def loss_weights(
+    alphas_cumprod: jax.Array,
+    timesteps: jax.Array,
+    valid: jax.Array,
+    min_snr_gamma: float,
+    prediction_type: str,
+) -> jax.Array:
+    """(B,) float32 weights of the per-example losses: 0 for an invalid image; with
+    min_snr_gamma > 0, min(SNR, gamma) / SNR for epsilon targets and / (SNR + 1) for v targets
+    (min-SNR weighting as diffusers' train_text_to_image.py computes it). timesteps (B,) int,
+    valid (B,) float32."""
+    if min_snr_gamma <= 0:
+        return valid
+    ratio = snr(alphas_cumprod, timesteps)
+    divisor = ratio + 1 if prediction_type == "v_prediction" else ratio
+    return valid * jnp.minimum(ratio, min_snr_gamma) / divisor
+
+
 def make_train_step(
     models: Models,
     optimizer: optax.GradientTransformation,
@@ -122,15 +140,9 @@ def make_train_step(
         batch_size = latents.shape[0]
         timesteps = jax.random.randint(time_rng, (batch_size,), 0, alphas_cumprod.shape[0])
         valid = batch["valid"].astype(jnp.float32)
-        weight = valid
-        if config.min_snr_gamma > 0:
-            ratio = snr(alphas_cumprod, timesteps)
-            clipped = jnp.minimum(ratio, config.min_snr_gamma)
-            weight = (
-                weight
-                * clipped
-                / (ratio + 1 if config.prediction_type == "v_prediction" else ratio)
-            )
+        weight = loss_weights(
+            alphas_cumprod, timesteps, valid, config.min_snr_gamma, config.prediction_type
+        )
         ella_mask = batch["token_mask"] if config.mask_padding else None
         features = jax.lax.stop_gradient(features)
 

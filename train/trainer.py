@@ -246,7 +246,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
         abstract_state,
         state_shardings,
     )
-    state = checkpoint.restore_latest(manager, abstract_with_layout, iterator)
+    agree = lambda failed: _any_process(failed, after=None)  # noqa: E731
+    state = checkpoint.restore_latest(manager, abstract_with_layout, iterator, agree)
     if state is None:
         state = jax.jit(initial_state, out_shardings=state_shardings)()
     start = int(state.step)
@@ -293,6 +294,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
     sampler = _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
+    _barrier("first step")
     batch, pending, stopping = first, None, False
     checks = _StepChecks(
         manager, config.batch_size, config.data.max_skipped_fraction, skipped_images
@@ -503,6 +505,18 @@ def _to_host(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process is here, on the coordination service (for up to 30 minutes).
+    Gloo, XLA:CPU's collectives, gives a collective's first call 30 s to find every process,
+    and two processes' compilations can differ by more; the public barrier would itself be a
+    gloo collective."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # private: guarded by the process count above
+
+    distributed.global_state.client.wait_at_barrier(name, 30 * 60 * 1000)  # (id, milliseconds)
 
 
 def _any_process(flag: bool, after) -> bool:
