@@ -154,3 +154,33 @@ def test_upsample_caption():
     assert messages[0] == {"role": "system", "content": INSTRUCTION}
     assert messages[-1] == {"role": "user", "content": "a cat"}
     assert [m["role"] for m in messages[1:-1]] == ["user", "assistant"] * 4
+
+
+def test_every_sampling_flag_reaches_the_pipeline(tmp_path, monkeypatch):
+    """--mode, --negative-prompt, --token-length, --dtype and --scheduler: what the pipeline
+    is built and called with (recorded on the way), and what each PNG says it was made with."""
+    from ella_jax.pipeline import ELLAPipeline
+
+    built, called = [], []
+    from_pretrained, call = ELLAPipeline.from_pretrained.__func__, ELLAPipeline.__call__
+
+    def recording_build(cls, *args, **kwargs):
+        built.append(kwargs)
+        return from_pretrained(cls, *args, **kwargs)
+
+    def recording_call(self, prompts, **kwargs):
+        called.append(kwargs)
+        return call(self, prompts, **kwargs)
+
+    monkeypatch.setattr(ELLAPipeline, "from_pretrained", classmethod(recording_build))
+    monkeypatch.setattr(ELLAPipeline, "__call__", recording_call)
+    flags = dict(mode="ella+clip", negative_prompt="blurry", token_length="flexible",
+                 dtype="bfloat16", scheduler="ddim")  # fmt: skip
+    argv = [*MODELS, "--prompt", PROMPTS[0], "--out", str(tmp_path)]
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in flags.items()]
+    assert main(argv) == 0
+    assert built[0]["dtype"] == "bfloat16" and built[0]["scheduler"] == "ddim"
+    assert {k: called[0][k] for k in ("mode", "negative_prompt", "token_length")} == {
+        "mode": "ella+clip", "negative_prompt": "blurry", "token_length": "flexible"}  # fmt: skip
+    metadata = json.loads(Image.open(tmp_path / NAMES[0]).text["ella-jax"])
+    assert {key: metadata[key] for key in flags} == flags

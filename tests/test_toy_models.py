@@ -3,6 +3,7 @@ diffusers and transformers load and that compute what the JAX ports compute; a V
 nothing the scorer reads; a frozen toy UNet that ELLA learns to drive; the evaluation."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,10 +107,11 @@ def test_ella_learns_to_drive_the_frozen_toy_unet(toy_setup):
     assert losses[-1] < FALL * losses[0], losses
 
 
-def test_evaluation_writes_scores_and_samples(tmp_path):
-    """toyworld.evaluate on a connector as train.main exports it (here at its initialisation;
-    configs/toy.py's training is the main job, the trainer is tested with configs/tiny.py)."""
-    from toyworld.evaluate import evaluate
+def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
+    """`python -m toyworld.evaluate` (its command line, in this process) on a connector as
+    train.main exports it (here at its initialisation; configs/toy.py's training is the main
+    job, the trainer is tested with configs/tiny.py)."""
+    from toyworld.evaluate import main
 
     config = project_config("toy")
     ella = ELLA(**config.ella, input_dim=128)
@@ -117,10 +119,13 @@ def test_evaluation_writes_scores_and_samples(tmp_path):
     write_official(tmp_path / "ella.safetensors", params)
     write_official_config(tmp_path / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS})
     (tmp_path / RUN_CONFIG_FILE).write_text(config.to_json())  # mask_padding: flexible tokens
-    scores = evaluate(MODELS, tmp_path, count=4, seed=1, steps=2, guidance=3.0, grid_count=4)
-    assert list(scores) == ["toy SD", "untrained ELLA", "trained ELLA"]
+    argv = ["--models", str(MODELS), "--workdir", str(tmp_path), "--count", "4", "--steps", "2",
+            "--grid", "4"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["toyworld.evaluate", *argv])
+    main()
     written = json.loads((tmp_path / "eval" / "scores.json").read_text())
-    assert written["scores"].keys() == scores.keys() and written["count"] == 4
+    assert list(written["scores"]) == ["toy SD", "untrained ELLA", "trained ELLA"]
+    assert written["count"] == 4
     assert written["token_length"] == "flexible"
     assert sum(written["captions_stating"].values()) > 4
     assert (tmp_path / "eval" / "samples.png").is_file()

@@ -104,14 +104,22 @@ def test_convert_exports_the_raw_weights_in_another_dtype(uninterrupted, tmp_pat
     assert any(not np.allclose(exported[k].astype(np.float32), ema[k]) for k in ema)
 
 
+def precompute_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "train.precompute", "--config", "configs/tiny.py",
+            f"--out={out}", "--config.batch_size=16"]  # fmt: skip
+
+
+def run_command(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def precomputed(tmp_path_factory):
-    """configs/tiny.py's data through train.precompute."""
-    from train.precompute import precompute
-
+    """configs/tiny.py's data through `python -m train.precompute`."""
     out = tmp_path_factory.mktemp("precomputed") / "features"
-    summary = precompute(tiny_config(), out)
-    assert summary["examples"] == 32 and summary["skipped_images"] == 0
+    done = run_command(precompute_command(out))
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
@@ -288,10 +296,8 @@ def test_bad_config_is_named_before_any_compute(overrides, message):
 
 
 def run_cli(workdir, *overrides):
-    command = [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
-               f"--workdir={workdir}", *overrides]  # fmt: skip
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_command([sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
+                          f"--workdir={workdir}", *overrides])  # fmt: skip
     return result.returncode, result.stdout, result.stderr
 
 
@@ -303,6 +309,20 @@ def test_command_line_names_an_unknown_key_and_a_bad_value(tmp_path):
         "error: config.ella.width=32"
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_precompute_command_line(precomputed):
+    """`python -m train.precompute` wrote every example and the empty caption's features; run
+    again without --overwrite it refuses in one error line, leaving the folder as it was."""
+    summary = json.loads((precomputed / "precompute.json").read_text())
+    assert summary["examples"] == 32 and summary["skipped_images"] == 0
+    assert summary["token_length"] == 128
+    assert data.EMPTY_CAPTION_FILE in {p.name for p in precomputed.iterdir()}
+    written = sorted((p.name, p.stat().st_mtime_ns) for p in precomputed.iterdir())
+    again = run_command(precompute_command(precomputed))
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1].startswith(f"error: {precomputed}"), again.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in precomputed.iterdir()) == written
 
 
 def test_precomputed_features_of_another_t5_are_refused(tmp_path):
