@@ -23,15 +23,20 @@ jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-# The heaviest modules first, so that the two pytest-xdist workers (one module each at a time)
-# end together.
-HEAVY_FIRST = ("test_multihost", "test_train", "test_device_suite", "test_toy_models")
+# The order the two pytest-xdist workers take the modules in (a module at a time each): the
+# heaviest first, so the workers end together, but the multi-process one last, when the other
+# worker has little left (its 2 processes x 4 devices beside another heavy module would be
+# slower for both).
+FIRST = ("test_train", "test_device_suite", "test_toy_models", "test_step_parity")
+LAST = ("test_multihost",)
 
 
 def pytest_collection_modifyitems(items: list) -> None:
     def rank(item) -> int:
         name = item.module.__name__
-        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+        if name in FIRST:
+            return FIRST.index(name)
+        return len(FIRST) + 1 if name in LAST else len(FIRST)
 
     items.sort(key=rank)  # stable: the order within a module is kept
 
