@@ -156,15 +156,24 @@ def train_step_setup(config, source, resolution: int):
     return make_step, frozen, batch
 
 
+def subprocess_env() -> dict[str, str]:
+    """The environment of the tests' subprocesses: this one's, with the compilation cache."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}
+
+
 def start(command: list[str], log: Path):
     """`command` run from the repository root with its stdout and stderr going to the file
     `log`: a pipe that the test did not drain would block the child once full."""
     import subprocess
 
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}
     with log.open("w") as output:
         return subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, text=True
+            command,
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
 

@@ -21,6 +21,7 @@ from conftest import (
     read_metrics,
     relative_error,
     start,
+    subprocess_env,
     tiny_config,
     train_step_setup,
     wait_for,
@@ -110,8 +111,9 @@ def precompute_command(out: Path) -> list[str]:
 
 
 def run_command(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

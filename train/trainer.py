@@ -202,10 +202,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
             params = ella.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
         return init_state(params, optimizer, config.seed)
 
+    ella_config = {k: getattr(ella, k) for k in CONFIG_KEYS}
     if primary:  # lets `python -m convert export` read any checkpoint, and readers see the run
-        write_official_config(
-            workdir / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS}
-        )
+        write_official_config(workdir / "ella_config.json", ella_config)
         (workdir / RUN_CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
     abstract_state = jax.eval_shape(initial_state)
     state_shardings = param_shardings(abstract_state, mesh)
@@ -246,8 +245,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
         abstract_state,
         state_shardings,
     )
-    agree = lambda failed: _any_process(failed, after=None)  # noqa: E731
-    state = checkpoint.restore_latest(manager, abstract_with_layout, iterator, agree)
+    state = checkpoint.restore_latest(manager, abstract_with_layout, iterator, _any_process)
     if state is None:
         state = jax.jit(initial_state, out_shardings=state_shardings)()
     start = int(state.step)
@@ -354,7 +352,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
         return
     ema_params = _to_host(state.ema_params)
     if primary:
-        ella_config = {k: getattr(ella, k) for k in CONFIG_KEYS}
         write_official(
             workdir / "ella.safetensors", ema_params, config.export_dtype, True, ella_config
         )
@@ -519,7 +516,7 @@ def _barrier(name: str) -> None:
     distributed.global_state.client.wait_at_barrier(name, 30 * 60 * 1000)  # (id, milliseconds)
 
 
-def _any_process(flag: bool, after) -> bool:
+def _any_process(flag: bool, after=None) -> bool:
     """True on every process when it is True on any (they must stop at the same step). The
     arrays `after` (the outputs of the step in flight) are waited for first on the CPU: XLA:CPU
     runs programs without data dependencies side by side, so this all-gather could run beside
