@@ -119,8 +119,9 @@ def tiny_config(**overrides):
 
 def train_step_setup(config, source, resolution: int):
     """make_step(optimizer) -> (train_step, state), the frozen params and the first batch of 8
-    of `source` (records {"image", "caption"}), built from the public pieces with the models of
-    `config` (a project_config), its ELLA at a fresh initialisation."""
+    of `source` (records {"image", "caption"}), built from the public pieces with the models,
+    compute dtypes and mask_padding of `config` (a project_config), as the trainer builds them;
+    its ELLA at a fresh initialisation (float32 params)."""
     import jax.numpy as jnp
 
     from ella_jax.models.ella import ELLA
@@ -133,18 +134,21 @@ def train_step_setup(config, source, resolution: int):
     from train.step import Models, StepConfig, init_state, make_train_step
 
     sd = ROOT / config.sd
-    t5, t5_params = load_t5_encoder(ROOT / config.t5)
-    vae, vae_params = load_vae(sd / "vae")
-    unet, unet_params = load_unet(sd / "unet")
+    t5, t5_params = load_t5_encoder(ROOT / config.t5, config.t5_dtype)
+    vae, vae_params = load_vae(sd / "vae", config.dtype)
+    unet, unet_params = load_unet(sd / "unet", config.dtype)
     scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
     ella = ELLA(**config.ella, input_dim=t5.config.d_model)
     features = jnp.zeros((1, 1, ella.input_dim))
     params = ella.init(jax.random.key(0), features, jnp.zeros((1,)))["params"]
+    ella = ella.clone(dtype=config.dtype, param_dtype=jnp.float32)
     tokenizer = load_tokenizer(ROOT / config.t5)
     tokenize_one = lambda c: tuple(a[0] for a in tokenize(tokenizer, [c], 128))  # noqa: E731
     examples = data.online_examples(tokenize_one, resolution)
     batch = data.make_dataset(source, examples, 8, 0.0, seed=0)[0]
-    step_config = StepConfig("epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, False)
+    step_config = StepConfig(
+        "epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, config.mask_padding
+    )
     models = Models(t5, vae, unet, ella)
     acp = jnp.asarray(alphas_cumprod(scheduler))
 

@@ -85,10 +85,12 @@ def test_toy_vae_reconstructions_score_perfectly():
     assert all(value == 1.0 for value in accuracy.values()), accuracy
 
 
+SCENES = [{"image": png_bytes(image), "caption": text} for image, text in generate(5, 8)]
+
+
 @pytest.fixture(scope="module")
 def toy_setup():
-    scenes = [{"image": png_bytes(image), "caption": text} for image, text in generate(5, 8)]
-    return train_step_setup(project_config("toy"), scenes, resolution=32)
+    return train_step_setup(project_config("toy"), SCENES, resolution=32)
 
 
 def test_ella_learns_to_drive_the_frozen_toy_unet(toy_setup):
@@ -105,6 +107,43 @@ def test_ella_learns_to_drive_the_frozen_toy_unet(toy_setup):
         state = state.replace(rng=rng)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < FALL * losses[0], losses
+
+
+def sgd_update(setup, batch=None) -> tuple[float, np.ndarray]:
+    """(loss, the flattened update of ELLA's params) of one SGD step at learning rate 1."""
+    make_step, frozen, first_batch = setup
+    step, state = make_step(optax.sgd(1.0))
+    new_state, metrics = jax.jit(step)(state, frozen, first_batch if batch is None else batch)
+    update = jax.tree.map(
+        lambda a, b: np.asarray(a) - np.asarray(b), new_state.params, state.params
+    )
+    return float(metrics["loss"]), np.concatenate([a.ravel() for a in jax.tree.leaves(update)])
+
+
+def test_the_papers_dtypes_give_the_float32_step(toy_setup):
+    """configs/ella_sd15_t5xl.py's dtypes (bfloat16 compute of ELLA, UNet and VAE; float16 T5;
+    float32 master params) against the float32 step on the same batch, noise and timesteps.
+    bfloat16 keeps 8 significant bits (2e-3 a rounding): the loss averages its roundings away;
+    the update carries those of ELLA and the UNet forward and back, as test_step_parity's
+    bfloat16 gradients do against PyTorch (0.03 to 0.05 of their largest entry). The toy UNet
+    listens to its context, so ELLA's gradient stands above those roundings (the fixture UNet
+    of test_train barely listens: there bfloat16 moves the update by half). The update's
+    tolerance (its relative L2 error) is a few times the roundings measured, a seventh of what
+    the same step with the captions shifted by one example moves it."""
+    _, _, batch = toy_setup
+    low_setup = train_step_setup(
+        project_config("toy", dtype="bfloat16", t5_dtype="float16"), SCENES, resolution=32
+    )
+    assert {str(a.dtype) for a in jax.tree.leaves(low_setup[1]["t5"])} == {"float16"}
+    assert {str(a.dtype) for a in jax.tree.leaves(low_setup[1]["unet"])} == {"bfloat16"}
+    expected_loss, expected = sgd_update(toy_setup)
+    loss, update = sgd_update(low_setup)
+    shifted = {key: np.roll(batch[key], 1, axis=0) for key in ("input_ids", "token_mask")}
+    _, wrong = sgd_update(low_setup, {**batch, **shifted})
+    l2 = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
+    assert relative_error(loss, expected_loss) < 1e-3  # measured 5.6e-4
+    assert l2(update, expected) < 0.05  # measured 0.019
+    assert l2(wrong, expected) > 0.3  # measured 0.36
 
 
 def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):

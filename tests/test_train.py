@@ -265,6 +265,46 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tiny_setup):
     assert losses[-1] < losses[0] - 3e-4, losses
 
 
+def sgd_step_on_tiny(**overrides):
+    """(train step, frozen params) of configs/tiny.py with `overrides`, SGD as in tiny_setup;
+    its state is tiny_setup's (the same ELLA initialisation)."""
+    config = tiny_config(**overrides)
+    source = data.read_manifest(ROOT / config.data.path)
+    make_step, frozen, _ = train_step_setup(config, source, resolution=16)
+    step, _ = make_step(optax.inject_hyperparams(optax.sgd)(learning_rate=1.0))
+    return step, frozen
+
+
+def update_of(new_state, state) -> list[np.ndarray]:
+    pairs = zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params), strict=True)
+    return [np.asarray(a) - np.asarray(b) for a, b in pairs]
+
+
+def test_mask_padding_hides_the_padded_tokens_from_ella(tiny_setup):
+    """mask_padding=True (configs/toy.py): other token ids at the padded positions change the T5
+    features there, and neither the loss nor the update; with mask_padding=False (the release,
+    whose connector attends all 128 positions) the update changes."""
+    step, state, frozen, batch = tiny_setup
+    state = at_learning_rate(state, 10.0)
+    masked_step, _ = sgd_step_on_tiny(mask_padding=True)
+    other_padding = {**batch, "input_ids": np.where(batch["token_mask"], batch["input_ids"], 5)}
+    assert not batch["token_mask"].all()
+
+    def update(train_step, example_batch):
+        new_state, metrics = jax.jit(train_step)(state, frozen, example_batch)
+        return float(metrics["loss"]), update_of(new_state, state)
+
+    (loss, masked), (other_loss, other_masked) = (
+        update(masked_step, b) for b in (batch, other_padding)
+    )
+    assert loss == other_loss
+    for a, b in zip(masked, other_masked, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, attended = update(step, batch)
+    _, other_attended = update(step, other_padding)
+    assert max(relative_error(a, b) for a, b in zip(attended, other_attended, strict=True)) > 1e-2
+
+
 FIXTURE_ELLA = str(ROOT / "tests/fixtures/reference/ella.safetensors")
 
 
