@@ -80,9 +80,9 @@ SUITE_SMALL = dict(
     unet={
         **SD15_UNET,
         "sample_size": 8,
-        "block_out_channels": [32, 64],
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32],
+        "down_block_types": ["CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D"],
         "layers_per_block": 1,
         "attention_head_dim": 4,
         "cross_attention_dim": 64,

@@ -128,7 +128,7 @@ def precomputed(tmp_path_factory):
 def test_precomputed_batches_give_the_online_update(tiny_setup, precomputed):
     """One SGD step on the first batch read online (T5 and VAE in the step) and through
     train.precompute, caption dropout included: the same loss and update, at a tolerance that
-    the same batch with its T5 features shifted by one example breaks 100000-fold. (The fixture UNet
+    the same batch with its T5 features shifted by one example breaks 10000-fold. (The fixture UNet
     barely listens to its context, so the loss alone could not tell; ELLA's gradient can.)"""
     step, state, frozen, _ = tiny_setup
     state = at_learning_rate(state, 10.0)
@@ -154,8 +154,9 @@ def test_precomputed_batches_give_the_online_update(tiny_setup, precomputed):
     precomputed_loss, precomputed_update = update(batch)
     _, shifted_update = update(shifted)
     assert relative_error(precomputed_loss, loss) < 1e-6
-    # Measured: equal bit for bit; shifted by one example, 0.84.
-    assert relative_error(precomputed_update, expected) < 1e-6
+    # Measured: 2.9e-6 (the T5 in the step and in train.precompute are two compilations, fused
+    # apart: float32 roundings apart); shifted by one example, 0.84.
+    assert relative_error(precomputed_update, expected) < 2e-5
     assert relative_error(shifted_update, expected) > 0.1
 
 
