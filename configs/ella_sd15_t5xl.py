@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
             resolution=512,  # [paper]
             caption_dropout=0.1,  # [ours] (issue default; ip-adapter uses 0.05)
             max_skipped_fraction=0.5,  # [ours] more unreadable images in a log interval: error
+            captions=("txt",),  # [ours] webdataset: "txt", "json:FIELD"; several: one per step
             read_threads=16,  # [ours] decoding threads per process
             prefetch_batches=4,  # [ours] batches read ahead per process (host memory)
         )

@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
             resolution=16,
             caption_dropout=0.1,
             max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error
+            captions=("txt",),  # webdataset: "txt", "json:FIELD"; several: one per step
             read_threads=16,  # decoding threads per process
             prefetch_batches=4,  # batches read ahead per process (host memory)
         )

@@ -2,8 +2,10 @@
 
 Sources: a JSONL manifest ({"image": path relative to the manifest, "caption": ...}), a folder of
 images with same-named .txt captions, ArrayRecord shards of msgpack records
-{"image": encoded bytes, "caption": str}, or the shards of `train.precompute` (VAE moments and T5
-features made once). Each example is decoded, resized (shorter side) and centre-cropped to the
+{"image": encoded bytes, "caption": str}, WebDataset tar shards (`train.webdataset`), or the
+shards of `train.precompute` (VAE moments and T5 features made once). A record with several
+captions ("captions") gives one of them, drawn per example and step (`train.precompute` keeps
+the first). Each example is decoded, resized (shorter side) and centre-cropped to the
 resolution, its caption dropped with probability p (so guidance works), and tokenized for T5 at
 the fixed length. An image that cannot be read or decoded becomes a zero image with `valid`
 False: the loss masks it out, the metrics count it, and `Skipped` remembers where it was (the
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ella_jax.weights.tensors import atomic_path
+from train.webdataset import WebDatasetSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EMPTY_CAPTION_FILE = "empty_caption.npz"  # in a precomputed folder: T5 features of ""
@@ -81,21 +84,30 @@ def write_array_record(records: list[dict[str, Any]], path: str | Path) -> None:
         writer.close()
 
 
-def open_source(kind: str, path: str) -> Any:
+def open_source(kind: str, path: str, captions: tuple[str, ...] = ("txt",)) -> Any:
     """A random-access source of records: kind "manifest", "folder", "array_record" (a glob of
-    shards) or "precomputed" (a `train.precompute` folder)."""
+    shards), "webdataset" (a glob of tar shards, or their folder; `captions` says where their
+    captions are, see `train.webdataset`) or "precomputed" (a `train.precompute` folder)."""
     if kind == "manifest":
         return read_manifest(path)
     if kind == "folder":
         return read_folder(path)
-    if kind in ("array_record", "precomputed"):
-        pattern = str(Path(path) / "*.array_record") if kind == "precomputed" else path
+    if kind in ("array_record", "precomputed", "webdataset"):
+        pattern = path
+        if kind == "precomputed":
+            pattern = str(Path(path) / "*.array_record")
+        elif kind == "webdataset" and Path(path).is_dir():
+            pattern = str(Path(path) / "*.tar")
         shards = sorted(glob.glob(pattern))
         if not shards:
-            raise ValueError(f"data.path={path!r}: no ArrayRecord shards ({pattern})")
+            what = "tar" if kind == "webdataset" else "ArrayRecord"
+            raise ValueError(f"data.path={path!r}: no {what} shards ({pattern})")
+        if kind == "webdataset":
+            return WebDatasetSource(shards, captions)
         return grain.sources.ArrayRecordDataSource(shards)
     raise ValueError(
-        f"data.source={kind!r}: use 'manifest', 'folder', 'array_record' or 'precomputed'"
+        f"data.source={kind!r}: use 'manifest', 'folder', 'array_record', 'webdataset' or "
+        "'precomputed'"
     )
 
 
@@ -134,7 +146,7 @@ def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict
             f"a data record is not an image-caption record (found {fields}): does data.source "
             "name the kind of data data.path holds?"
         )
-    caption = str(record.get("caption", ""))
+    caption = str(record.get("caption", (record.get("captions") or [""])[0]))
     try:
         source = record["image"]
         data = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -152,7 +164,9 @@ def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict
         return {"image": pixels, "valid": True, "caption": caption}
     except IMAGE_ERRORS as e:  # skipped by the loss, counted by the metrics
         if skipped is not None:
-            where = source if isinstance(source, str) else f"an encoded image, caption {caption!r}"
+            where = record.get("where") or (
+                source if isinstance(source, str) else f"an encoded image, caption {caption!r}"
+            )
             skipped.add(where, e)
         return {
             "image": np.zeros((resolution, resolution, 3), np.float32),
@@ -242,8 +256,15 @@ def make_dataset(
     def example(k: int) -> dict:
         index = (k // local) * global_batch + process_index * local + k % local
         # Seeded by the global index, so the result does not depend on the process count.
-        drop_caption = np.random.default_rng([seed, index]).random() < caption_dropout
-        return prepare(examples[index], drop_caption)
+        rng = np.random.default_rng([seed, index])
+        drop_caption = rng.random() < caption_dropout
+        record = examples[index]
+        if isinstance(record, dict) and len(record.get("captions") or ()) > 1:
+            record = {
+                **record,
+                "caption": record["captions"][rng.integers(len(record["captions"]))],
+            }
+        return prepare(record, drop_caption)
 
     rows = grain.MapDataset.range(0, (len(examples) // global_batch) * local)
     return rows.map(example).batch(local, drop_remainder=True)

@@ -1,0 +1,142 @@
+"""WebDataset tar shards, as img2dataset writes them, as a random-access source for grain.
+
+A shard holds examples as members named KEY.EXT (KEY.jpg and KEY.txt, optionally KEY.json with
+more captions). Grain reads examples by index, in any order, on several threads: each shard's
+members are located once (their byte offsets, from the tar headers) and the index is cached
+beside the shard as SHARD.index.json, rebuilt when the shard changes. A record is then one seek
+and one read per member. An example without an image or without a caption is kept, with empty
+image bytes: decoding fails, and the trainer counts it as skipped (never a crash).
+
+Captions: `captions` names where they come from, in order: "txt" (the KEY.txt member) or
+"json:FIELD" (a string, or a list of strings, under FIELD of KEY.json). Several captions give a
+record {"captions": [...]}: `train.data.make_dataset` draws one per example and step.
+"""
+
+import bisect
+import contextlib
+import json
+import os
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ella_jax.weights.tensors import atomic_path
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INDEX_SUFFIX = ".index.json"
+INDEX_VERSION = 1
+
+
+def _split(name: str) -> tuple[str, str]:
+    """WebDataset's (key, extension) of a member: the name up to the first dot of its last
+    component, and the rest."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def build_index(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {extension: (offset, size)})] of a tar shard, in the shard's order. A shard cut
+    short keeps the examples before the cut (said on stderr); a file that is not a tar is a
+    ValueError."""
+    examples: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        archive = tarfile.open(shard, "r:")  # noqa: SIM115 (closed by the `with` below)
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{shard}: not a tar shard ({e}): does data.source name the kind of "
+                         "data data.path holds?") from None  # fmt: skip
+    with archive:
+        try:
+            for member in archive:
+                if member.isfile():
+                    key, extension = _split(member.name)
+                    examples.setdefault(key, {})[extension] = (member.offset_data, member.size)
+        except (tarfile.TarError, EOFError) as e:
+            print(f"warning: {shard}: cut short after {len(examples)} examples ({e}); the rest "
+                  "is not read", file=sys.stderr)  # fmt: skip
+    return list(examples.items())
+
+
+def shard_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The shard's index, from SHARD.index.json when it was made for this very file (size and
+    modification time), otherwise built and cached there (skipped where the folder is
+    read-only)."""
+    shard = Path(shard)
+    stat = shard.stat()
+    stamp = {"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cached = shard.with_name(shard.name + INDEX_SUFFIX)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(cached.read_text())
+        if saved["stamp"] == stamp:
+            return [(key, {e: tuple(m) for e, m in members.items()})
+                    for key, members in saved["examples"]]  # fmt: skip
+    examples = build_index(shard)
+    try:
+        with atomic_path(cached, overwrite=True) as staging:
+            staging.write_text(json.dumps({"stamp": stamp, "examples": examples}))
+    except OSError as e:
+        print(f"warning: {cached}: index not cached ({e.strerror})", file=sys.stderr)
+    return examples
+
+
+class WebDatasetSource:
+    """Records {"image": bytes, "caption": str or "captions": [str], "where": "SHARD:KEY"} of
+    tar shards, by index over all shards in the order given."""
+
+    def __init__(self, shards: Sequence[str | os.PathLike], captions: Sequence[str] = ("txt",)):
+        for field in captions:
+            if field != "txt" and not field.startswith("json:"):
+                raise ValueError(f"data.captions: {field!r} is neither 'txt' nor 'json:FIELD'")
+        self.captions = tuple(captions)
+        self.shards = [str(s) for s in shards]
+        self.indexes = [shard_index(s) for s in self.shards]
+        self.starts = [0]
+        for index in self.indexes:
+            self.starts.append(self.starts[-1] + len(index))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        key, members = self.indexes[shard][index - self.starts[shard]]
+        with open(self.shards[shard], "rb") as file:
+
+            def read(extension: str) -> bytes | None:
+                if extension not in members:
+                    return None
+                offset, size = members[extension]
+                file.seek(offset)
+                return file.read(size)
+
+            image = next((b for e in IMAGE_EXTENSIONS if (b := read(e)) is not None), b"")
+            captions = self._captions(read)
+        where = f"{self.shards[shard]}:{key}"
+        if not image:
+            where += " (no image member)"
+        if not captions:  # skipped as an unreadable image
+            return {"image": b"", "caption": "", "where": where + " (no caption)"}
+        if len(captions) > 1:
+            return {"image": image, "captions": captions, "where": where}
+        return {"image": image, "caption": captions[0], "where": where}
+
+    def _captions(self, read) -> list[str]:
+        found, metadata = [], None
+        for field in self.captions:
+            if field == "txt":
+                text = read("txt")
+                values = [] if text is None else [text.decode("utf-8", "replace").strip()]
+            else:
+                if metadata is None:
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        metadata = json.loads(read("json") or b"{}")
+                    metadata = metadata if isinstance(metadata, dict) else {}
+                value = metadata.get(field.removeprefix("json:"))
+                values = [value] if isinstance(value, str) else value
+                values = (
+                    [v for v in values if isinstance(v, str)] if isinstance(values, list) else []
+                )
+            found.extend(v for v in values if v)
+        return found
