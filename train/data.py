@@ -111,6 +111,12 @@ def open_source(kind: str, path: str, captions: tuple[str, ...] = ("txt",)) -> A
     )
 
 
+def open_configured(data_config: Any) -> Any:
+    """`open_source` of a run config's `data` (source, path and, for WebDataset, captions)."""
+    captions = tuple(data_config.get("captions", ("txt",)))
+    return open_source(data_config.source, data_config.path, captions)
+
+
 # What reading or decoding one image can raise (PIL: OSError incl. UnidentifiedImageError and
 # truncated files, ValueError, SyntaxError from some plugins, EOFError, DecompressionBombError).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -146,7 +152,7 @@ def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict
             f"a data record is not an image-caption record (found {fields}): does data.source "
             "name the kind of data data.path holds?"
         )
-    caption = str(record.get("caption", (record.get("captions") or [""])[0]))
+    caption = str(record.get("caption", ""))
     try:
         source = record["image"]
         data = io.BytesIO(source) if isinstance(source, bytes) else source
@@ -259,7 +265,7 @@ def make_dataset(
         rng = np.random.default_rng([seed, index])
         drop_caption = rng.random() < caption_dropout
         record = examples[index]
-        if isinstance(record, dict) and len(record.get("captions") or ()) > 1:
+        if isinstance(record, dict) and "captions" in record:
             record = {
                 **record,
                 "caption": record["captions"][rng.integers(len(record["captions"]))],

@@ -34,9 +34,7 @@ def precompute(
     t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
     vae, vae_params = load_vae(Path(config.sd) / "vae", config.dtype)
     tokenizer = load_tokenizer(config.t5)
-    records = data.open_source(
-        config.data.source, config.data.path, tuple(config.data.get("captions", ("txt",)))
-    )
+    records = data.open_configured(config.data)
     encode_text = jax.jit(lambda ids, mask: t5.apply({"params": t5_params}, ids, mask))
     encode_image = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))
     batch = config.batch_size

@@ -223,9 +223,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
     else:
         prepare = data.online_examples(tokenize_one, config.data.resolution, skipped_images)
     dataset = data.make_dataset(
-        data.open_source(
-            config.data.source, config.data.path, tuple(config.data.get("captions", ("txt",)))
-        ),
+        data.open_configured(config.data),
         prepare,
         config.batch_size,
         config.data.caption_dropout,

@@ -3,13 +3,15 @@
 A shard holds examples as members named KEY.EXT (KEY.jpg and KEY.txt, optionally KEY.json with
 more captions). Grain reads examples by index, in any order, on several threads: each shard's
 members are located once (their byte offsets, from the tar headers) and the index is cached
-beside the shard as SHARD.index.json, rebuilt when the shard changes. A record is then one seek
-and one read per member. An example without an image or without a caption is kept, with empty
-image bytes: decoding fails, and the trainer counts it as skipped (never a crash).
+beside the shard (00000.tar.index.json beside 00000.tar), rebuilt when the shard changes. A
+record is then one seek and one read per member. An example without an image or without a
+caption is kept, with empty image bytes: decoding fails, and the trainer counts it as skipped
+(never a crash).
 
 Captions: `captions` names where they come from, in order: "txt" (the KEY.txt member) or
-"json:FIELD" (a string, or a list of strings, under FIELD of KEY.json). Several captions give a
-record {"captions": [...]}: `train.data.make_dataset` draws one per example and step.
+"json:FIELD" (a string, or a list of strings, under FIELD of KEY.json). A record's "caption" is
+the first found; several also give "captions": `train.data.make_dataset` draws one of them per
+example and step.
 """
 
 import bisect
@@ -82,8 +84,8 @@ def shard_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int
 
 
 class WebDatasetSource:
-    """Records {"image": bytes, "caption": str or "captions": [str], "where": "SHARD:KEY"} of
-    tar shards, by index over all shards in the order given."""
+    """Records {"image": bytes, "caption": str, "where": "SHARD:KEY"} (and "captions": [str]
+    when there are several) of tar shards, by index over all shards in the order given."""
 
     def __init__(self, shards: Sequence[str | os.PathLike], captions: Sequence[str] = ("txt",)):
         for field in captions:
@@ -118,9 +120,8 @@ class WebDatasetSource:
             where += " (no image member)"
         if not captions:  # skipped as an unreadable image
             return {"image": b"", "caption": "", "where": where + " (no caption)"}
-        if len(captions) > 1:
-            return {"image": image, "captions": captions, "where": where}
-        return {"image": image, "caption": captions[0], "where": where}
+        record = {"image": image, "caption": captions[0], "where": where}
+        return {**record, "captions": captions} if len(captions) > 1 else record
 
     def _captions(self, read) -> list[str]:
         found, metadata = [], None
