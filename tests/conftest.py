@@ -164,6 +164,14 @@ def train_step_setup(config, source, resolution: int):
     return make_step, frozen, batch
 
 
+def param_update(new_state, state) -> list:
+    """new_state.params - state.params, leaf by leaf (numpy arrays in the tree's order)."""
+    import numpy as np
+
+    pairs = zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params), strict=True)
+    return [np.asarray(a) - np.asarray(b) for a, b in pairs]
+
+
 def subprocess_env() -> dict[str, str]:
     """The environment of the tests' subprocesses: this one's, with the compilation cache."""
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache")}

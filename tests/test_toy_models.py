@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, project_config, relative_error, train_step_setup
+from conftest import ROOT, param_update, project_config, relative_error, train_step_setup
 
 from ella_jax.models.ella import ELLA
 from ella_jax.text import load_tokenizer, tokenize
@@ -119,9 +119,8 @@ def sgd_update(setup) -> Callable[[dict | None], tuple[float, np.ndarray]]:
 
     def update(batch: dict | None = None) -> tuple[float, np.ndarray]:
         new_state, metrics = step(state, frozen, first_batch if batch is None else batch)
-        moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_state.params,
-                             state.params)  # fmt: skip
-        return float(metrics["loss"]), np.concatenate([a.ravel() for a in jax.tree.leaves(moved)])
+        moved = param_update(new_state, state)
+        return float(metrics["loss"]), np.concatenate([a.ravel() for a in moved])
 
     return update
 

@@ -18,6 +18,7 @@ from conftest import (
     ROOT,
     SHORT,
     finish,
+    param_update,
     read_metrics,
     relative_error,
     start,
@@ -146,9 +147,8 @@ def test_precomputed_batches_give_the_online_update(tiny_setup, precomputed):
 
     def update(batch):
         new_state, metrics = jax.jit(step)(state, frozen, batch)
-        moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_state.params,
-                             state.params)  # fmt: skip
-        return float(metrics["loss"]), np.concatenate([a.ravel() for a in jax.tree.leaves(moved)])
+        moved = param_update(new_state, state)
+        return float(metrics["loss"]), np.concatenate([a.ravel() for a in moved])
 
     loss, expected = update(online)
     precomputed_loss, precomputed_update = update(batch)
@@ -238,13 +238,8 @@ def test_sharded_step_equals_single_device(tiny_setup):
     assert any(not p.sharding.is_fully_replicated for p in jax.tree.leaves(sharded_state.params))
     assert relative_error(sharded_metrics["loss"], single_metrics["loss"]) < 1e-6
 
-    def update(new_state):
-        return jax.tree.map(
-            lambda a, b: np.asarray(a) - np.asarray(b), new_state.params, state.params
-        )
-
     for a, b in zip(
-        jax.tree.leaves(update(sharded_state)), jax.tree.leaves(update(single_state)), strict=True
+        param_update(sharded_state, state), param_update(single_state, state), strict=True
     ):
         assert relative_error(a, b) < 3e-3  # measured <= 1.2e-3
 
@@ -276,11 +271,6 @@ def sgd_step_on_tiny(**overrides):
     return step, frozen
 
 
-def update_of(new_state, state) -> list[np.ndarray]:
-    pairs = zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params), strict=True)
-    return [np.asarray(a) - np.asarray(b) for a, b in pairs]
-
-
 def test_mask_padding_hides_the_padded_tokens_from_ella(tiny_setup):
     """mask_padding=True (configs/toy.py): other token ids at the padded positions change the T5
     features there, and neither the loss nor the update; with mask_padding=False (the release,
@@ -293,7 +283,7 @@ def test_mask_padding_hides_the_padded_tokens_from_ella(tiny_setup):
 
     def update(train_step, example_batch):
         new_state, metrics = jax.jit(train_step)(state, frozen, example_batch)
-        return float(metrics["loss"]), update_of(new_state, state)
+        return float(metrics["loss"]), param_update(new_state, state)
 
     (loss, masked), (other_loss, other_masked) = (
         update(masked_step, b) for b in (batch, other_padding)
