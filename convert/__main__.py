@@ -3,12 +3,13 @@
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
 
+from ella_jax import storage
 from ella_jax.models.ella import ELLA
+from ella_jax.storage import atomic_path
 from ella_jax.weights.ella import (
     abstract_params,
     check_config,
@@ -18,7 +19,7 @@ from ella_jax.weights.ella import (
     write_official,
 )
 from ella_jax.weights.naming import check_tensors
-from ella_jax.weights.tensors import CheckpointError, atomic_path, read_json
+from ella_jax.weights.tensors import CheckpointError, read_json
 
 DESCRIPTION = """\
 Convert ELLA connector checkpoints between the official PyTorch layout and ella-jax.
@@ -32,7 +33,8 @@ Convert ELLA connector checkpoints between the official PyTorch layout and ella-
             layout, like the ella.safetensors the run writes at its end.
   info      print a checkpoint's config and parameter count and run one forward pass on it.
 
-Outputs are written whole or not at all. Errors print one line and exit with status 2.
+Paths may be local, gs:// or s3:// URIs. Outputs are written whole or not at all. Errors print
+one line and exit with status 2.
 """
 
 
@@ -59,7 +61,7 @@ def _to_torch(args: argparse.Namespace) -> str:
 def _export(args: argparse.Namespace) -> str:
     from train.checkpoint import read_trained_params
 
-    workdir = Path(args.workdir)
+    workdir = storage.reachable(args.workdir)
     config = read_json(workdir / "ella_config.json")
     check_config(config, str(workdir / "ella_config.json"))
     params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
@@ -145,11 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

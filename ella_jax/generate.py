@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
+from ella_jax import storage
 from ella_jax.images import grid, save_png
 from ella_jax.weights.tensors import CheckpointError, read_json
 
@@ -51,7 +53,7 @@ def slugify(prompt: str, max_length: int = 60) -> str:
 
 def read_prompts_file(path: str | os.PathLike) -> list[str]:
     """The non-blank lines of a text file, stripped."""
-    path = Path(path)
+    path = storage.reachable(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such prompts file")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -64,7 +66,7 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 def read_dpg_bench(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(id, prompt) pairs from `id<TAB>prompt` lines; a header row (id<TAB>prompt or text) and
     blank lines are skipped. Ids must be unique and usable as file names."""
-    path = Path(path)
+    path = storage.reachable(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such DPG-Bench prompts file")
     items: list[tuple[str, str]] = []
@@ -112,7 +114,7 @@ def load_function(spec: str) -> Callable:
     return function
 
 
-def save_with_metadata(image: Image.Image, path: Path, metadata: dict) -> None:
+def save_with_metadata(image: Image.Image, path: epath.Path, metadata: dict) -> None:
     """Writes `image` atomically with `metadata` as the JSON text chunk "ella-jax" and each of
     its prompts as a chunk of its own."""
     prompts = {
@@ -262,9 +264,9 @@ def _check_models(args: argparse.Namespace) -> None:
     """Fails fast, before anything heavy loads, on missing model paths and on a size the VAE
     and UNet cannot take."""
     for flag, path in (("--sd", args.sd), ("--t5", args.t5)):
-        if not path.is_dir():
+        if not storage.reachable(path).is_dir():
             raise UsageError(f"{flag} {path}: no such directory")
-    if not args.ella.exists():
+    if not storage.reachable(args.ella).exists():
         raise UsageError(f"--ella {args.ella}: no such file or directory")
     vae = read_json(args.sd / "vae" / "config.json")
     unet = read_json(args.sd / "unet" / "config.json")
@@ -296,7 +298,7 @@ def _run(args: argparse.Namespace) -> str:
             raise UsageError("--prompt: empty prompt")
     _check_models(args)
     upsample = load_function(args.upsample_captions) if args.upsample_captions else None
-    args.out.mkdir(parents=True, exist_ok=True)
+    storage.reachable(args.out).mkdir(parents=True, exist_ok=True)
 
     if args.dpg_bench is not None:
         todo = [(key, prompt) for key, prompt in items if not (args.out / f"{key}.png").exists()]
@@ -330,17 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models")
     models.add_argument(
         "--sd",
-        type=Path,
+        type=storage.path,
         required=True,
         metavar="DIR",
         help="diffusers Stable Diffusion 1.5 folder",
     )
     models.add_argument(
-        "--t5", type=Path, required=True, metavar="DIR", help="Hugging Face T5 folder (flan-t5-xl)"
+        "--t5",
+        type=storage.path,
+        required=True,
+        metavar="DIR",
+        help="Hugging Face T5 folder (flan-t5-xl)",
     )
     models.add_argument(
         "--ella",
-        type=Path,
+        type=storage.path,
         required=True,
         metavar="PATH",
         help="official ELLA .safetensors (ella-sd1.5-tsc-t5xl) or a converted directory",
@@ -368,13 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sources.add_argument(
         "--prompts-file",
-        type=Path,
+        type=storage.path,
         metavar="FILE",
         help="text file, one prompt per line (blank lines skipped)",
     )
     sources.add_argument(
         "--dpg-bench",
-        type=Path,
+        type=storage.path,
         metavar="TSV",
         help="DPG-Bench prompts (id<TAB>prompt lines, e.g. data/dpg_bench_prompts.tsv)",
     )
@@ -393,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="output folder (created)"
+        "--out", type=storage.path, required=True, metavar="DIR", help="output folder (created)"
     )
     sampling.add_argument(
         "--steps", type=int, default=50, metavar="N", help="sampler steps (default: 50)"

@@ -2,12 +2,12 @@
 
 import math
 import os
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from ella_jax import storage
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -37,19 +37,11 @@ def grid(
 def save_png(
     image: np.ndarray | Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None
 ) -> None:
-    """Writes a PNG atomically (a temporary name in the same folder, then a rename), with
-    `text` as tEXt chunks."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes a PNG (local or in a bucket) whole or not at all, with `text` as tEXt chunks."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(to_uint8(image))
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    # A unique name, so that two writers into one folder never share a temporary file.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with storage.atomic_path(path, overwrite=True) as temporary:
         image.save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

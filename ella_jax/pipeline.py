@@ -2,7 +2,6 @@
 
 import functools
 import os
-from pathlib import Path
 from typing import Literal
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
+from ella_jax import storage
 from ella_jax.sampling import TextConditioning, sample_latents
 from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
 from ella_jax.sharding import param_shardings, shard_batch
@@ -73,7 +73,7 @@ class ELLAPipeline:
         `t5_dtype` defaults to float32 in a float32 pipeline and to float16 otherwise, the dtype
         ELLA's features were trained on. `scheduler`: "dpm", "ddim" or "euler" overrides the
         folder's scheduler class. `mesh`: shard the parameters and the batch over it."""
-        sd = Path(sd)
+        sd = storage.reachable(sd)
         dtype = jnp.dtype(dtype)
         t5_dtype = jnp.dtype(t5_dtype or (jnp.float32 if dtype == jnp.float32 else jnp.float16))
         unet, unet_params = load_unet(sd / "unet", dtype)

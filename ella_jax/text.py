@@ -1,16 +1,18 @@
 """Tokenization for the text encoders (T5 for ELLA, CLIP for Stable Diffusion).
 
-Tokenizers are transformers' (the only run-time use of transformers), read from local files.
+Tokenizers are transformers' (the only run-time use of transformers), read from local files
+(a bucket's are downloaded first).
 """
 
 import os
-from pathlib import Path
 
 import numpy as np
 
+from ella_jax import storage
 from ella_jax.weights.tensors import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+MORE_TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "added_tokens.json", "config.json")
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -18,11 +20,12 @@ def load_tokenizer(folder: str | os.PathLike):
     spiece.model), never from the network."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with storage.local_copy(folder, TOKENIZER_FILES + MORE_TOKENIZER_FILES) as local:
+            return AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken folder
         raise CheckpointError(f"{folder}: cannot load the tokenizer ({e})") from None
 

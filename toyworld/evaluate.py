@@ -15,16 +15,18 @@ top to bottom as listed), captions.txt}.
 
 import argparse
 import json
-from pathlib import Path
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from ella_jax import storage
 from ella_jax.images import grid, save_png, to_uint8
 from ella_jax.pipeline import ELLAPipeline
-from ella_jax.weights.tensors import CheckpointError, atomic_path, read_json
+from ella_jax.storage import atomic_path
+from ella_jax.weights.tensors import CheckpointError, read_json
 from toyworld.scenes import generate
 from toyworld.score import ATTRIBUTES, score, score_many
 from train.trainer import RUN_CONFIG_FILE
@@ -70,8 +72,8 @@ def untrained(pipeline: ELLAPipeline, seed: int) -> ELLAPipeline:
 
 
 def evaluate(
-    models: Path,
-    workdir: Path,
+    models: epath.Path,
+    workdir: epath.Path,
     count: int,
     seed: int,
     steps: int,
@@ -139,8 +141,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m toyworld.evaluate", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--models", type=Path, default=Path("models/toy"), help="pretrain --out")
-    parser.add_argument("--workdir", type=Path, required=True, help="train.main --workdir")
+    parser.add_argument("--models", type=storage.path, default="models/toy", help="pretrain --out")
+    parser.add_argument(
+        "--workdir", type=storage.path, required=True, help="train.main --workdir (or a URI)"
+    )
     parser.add_argument("--count", type=int, default=192, help="held-out captions")
     parser.add_argument("--seed", type=int, default=1, help="seed of the held-out scenes")
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")

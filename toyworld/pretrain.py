@@ -34,9 +34,10 @@ from ella_jax.models.t5 import T5Config, T5Encoder
 from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ella_jax.models.vae import AutoencoderKL, VAEConfig
 from ella_jax.schedulers import SchedulerConfig, add_noise, alphas_cumprod
+from ella_jax.storage import atomic_path
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.naming import params_to_torch
-from ella_jax.weights.tensors import atomic_path, write_safetensors
+from ella_jax.weights.tensors import write_safetensors
 from toyworld.scenes import generate
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"

@@ -1,22 +1,29 @@
 """Orbax checkpoints of the trained state and the data iterator, saved together."""
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
+from ella_jax import storage
 from ella_jax.weights.tensors import CheckpointError
 
 UNREADABLE_SUFFIX = ".unreadable"  # a step that could not be restored is moved aside to this
 
 
-def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
+def make_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """Asynchronous saves, the newest `keep` kept; the trainer decides when to save."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=True,
+        # S3 has no rename: a step is finished when its commit file is there (as orbax does on GCS).
+        temporary_path_class=_commit_file_class(directory),
+    )
+    return ocp.CheckpointManager(_orbax_path(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: Any) -> None:
@@ -28,10 +35,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: Any) -
     manager.save(step, args=args, force=True)
 
 
-def read_trained_params(directory: str | Path, step: int | None = None, ema: bool = True) -> dict:
+def read_trained_params(
+    directory: str | os.PathLike, step: int | None = None, ema: bool = True
+) -> dict:
     """The ELLA params (EMA or raw) of a saved step (default: the newest), as numpy arrays; no
     optimizer or model needed."""
-    manager = ocp.CheckpointManager(Path(directory).absolute())
+    manager = ocp.CheckpointManager(_orbax_path(directory))
     steps = manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"{directory}: no checkpoints")
@@ -42,7 +51,9 @@ def read_trained_params(directory: str | Path, step: int | None = None, ema: boo
     try:
         state = manager.restore(step, args=args).state
     except Exception as e:  # orbax and tensorstore raise many types for a damaged step
-        raise CheckpointError(f"{Path(directory) / str(step)}: unreadable ({_brief(e)})") from None
+        raise CheckpointError(
+            f"{storage.path(directory) / str(step)}: unreadable ({_brief(e)})"
+        ) from None
     return state["ema_params" if ema else "params"]
 
 
@@ -69,7 +80,7 @@ def restore_latest(
             manager.reload()  # forget the steps moved aside
             iterator.set_state(restored.data)
             return restored.state
-        path = Path(manager.directory) / str(step)
+        path = storage.path(manager.directory) / str(step)
         aside = path.with_name(path.name + UNREADABLE_SUFFIX)
         with contextlib.suppress(FileNotFoundError):  # another process moved it first
             path.rename(aside)
@@ -88,3 +99,61 @@ def _brief(error: Exception) -> str:
     """The first line of an error (without TensorStore's "See full details" tail)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text.split(" See full TensorStore details")[0][:300]
+
+
+def _orbax_path(directory: str | os.PathLike) -> epath.Path:
+    _extend_orbax_stores()
+    path = storage.path(directory)
+    return path if storage.is_remote(path) else path.absolute()
+
+
+def _commit_file_class(directory: str | os.PathLike) -> Any:
+    from orbax.checkpoint._src.path import atomicity
+
+    return atomicity.CommitFileTemporaryPath if os.fspath(directory).startswith("s3://") else None
+
+
+def _extend_orbax_stores() -> None:
+    """Lets orbax store arrays in s3:// and find the emulators the storage clients find.
+
+    orbax 0.12 builds TensorStore specs for gs:// and local paths only (google/orbax#359,
+    #2739), although TensorStore has an S3 driver: its two private functions that decide are
+    extended here, for s3:// only. TensorStore does not read the clients' emulator variables,
+    so STORAGE_EMULATOR_HOST becomes its GCS endpoint (emulators take any token), and
+    AWS_ENDPOINT_URL and the region become the S3 spec's endpoint and region."""
+    from orbax.checkpoint._src.path import gcs_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):
+        url = emulator if "://" in emulator else f"http://{emulator}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    if getattr(tensorstore_utils, "_ella_jax_s3", False):
+        return
+    uses_gcs_driver, normalize = (
+        tensorstore_utils._use_gcs_driver,
+        tensorstore_utils._normalize_path,
+    )
+    gcs_kvstore = gcs_utils.get_kvstore_for_gcs
+
+    def kvstore(path: str) -> dict[str, Any]:
+        if not path.startswith("s3://"):
+            return gcs_kvstore(path)
+        bucket, _, key = path.removeprefix("s3://").partition("/")
+        spec = {"driver": "s3", "bucket": bucket, "path": key}
+        if endpoint := os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+            spec["endpoint"] = endpoint
+        if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+            spec["aws_region"] = region
+        return spec
+
+    tensorstore_utils._use_gcs_driver = lambda path: (
+        path.startswith("s3://") or uses_gcs_driver(path)
+    )
+    tensorstore_utils._normalize_path = lambda path: (
+        "s3://" + normalize(path.removeprefix("s3://"))
+        if path.startswith("s3://")
+        else normalize(path)
+    )
+    gcs_utils.get_kvstore_for_gcs = kvstore
+    tensorstore_utils._ella_jax_s3 = True

@@ -17,11 +17,10 @@ sequence is cut into global batches, and process p reads rows [p * L, (p + 1) * 
 (L = global batch / process count).
 """
 
-import glob
 import io
 import json
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -29,16 +28,18 @@ import msgpack
 import numpy as np
 from PIL import Image
 
-from ella_jax.weights.tensors import atomic_path
+from ella_jax import storage
+from ella_jax.storage import atomic_path
+from train.parquet import ParquetSource
 from train.webdataset import WebDatasetSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EMPTY_CAPTION_FILE = "empty_caption.npz"  # in a precomputed folder: T5 features of ""
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Records {"image": absolute path, "caption"} of a JSONL manifest."""
-    path = Path(path)
+def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Records {"image": absolute path or URI, "caption"} of a JSONL manifest."""
+    path = storage.path(path)
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -57,20 +58,21 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     return records
 
 
-def read_folder(path: str | Path) -> list[dict[str, str]]:
+def read_folder(path: str | os.PathLike) -> list[dict[str, str]]:
     """Records of every image in `path` (recursively) that has a same-named .txt caption."""
-    path = Path(path)
+    files = set(storage.glob(f"{str(path).rstrip('/')}/**/*"))
+    images = [f for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     records = [
-        {"image": str(image), "caption": image.with_suffix(".txt").read_text().strip()}
-        for image in sorted(path.rglob("*"))
-        if image.suffix.lower() in IMAGE_SUFFIXES and image.with_suffix(".txt").is_file()
+        {"image": image, "caption": storage.path(caption).read_text().strip()}
+        for image in images
+        if (caption := os.path.splitext(image)[0] + ".txt") in files
     ]
     if not records:
         raise ValueError(f"{path}: no images with .txt captions")
     return records
 
 
-def write_array_record(records: list[dict[str, Any]], path: str | Path) -> None:
+def write_array_record(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """Writes records {"image": path or encoded bytes, "caption"} as one ArrayRecord shard,
     whole or not at all (an existing `path` is replaced)."""
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -79,42 +81,74 @@ def write_array_record(records: list[dict[str, Any]], path: str | Path) -> None:
         writer = ArrayRecordWriter(str(staging), "group_size:1")
         for record in records:
             image = record["image"]
-            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            data = image if isinstance(image, bytes) else storage.path(image).read_bytes()
             writer.write(msgpack.packb({"image": data, "caption": record["caption"]}))
         writer.close()
 
 
-def open_source(kind: str, path: str, captions: tuple[str, ...] = ("txt",)) -> Any:
+SHARD_SUFFIXES = {  # the shard sources, and their files' suffix in a folder
+    "array_record": ".array_record",
+    "webdataset": ".tar",
+    "parquet": ".parquet",
+    "precomputed": ".array_record",
+}
+
+
+def open_source(
+    kind: str,
+    path: str,
+    captions: tuple[str, ...] = ("txt",),
+    image_column: str = "jpg",
+    caption_columns: tuple[str, ...] = ("caption",),
+) -> Any:
     """A random-access source of records: kind "manifest", "folder", "array_record" (a glob of
-    shards), "webdataset" (a glob of tar shards, or their folder; `captions` says where their
-    captions are, see `train.webdataset`) or "precomputed" (a `train.precompute` folder)."""
+    shards, or their folder), "webdataset" (tar shards, the same; `captions` says where their
+    captions are, see `train.webdataset`), "parquet" (parquet files, the same; `image_column`
+    and `caption_columns` name their columns, see `train.parquet`) or "precomputed" (a
+    `train.precompute` folder). Paths may be gs:// or s3:// URIs."""
     if kind == "manifest":
         return read_manifest(path)
     if kind == "folder":
         return read_folder(path)
-    if kind in ("array_record", "precomputed", "webdataset"):
+    if kind in SHARD_SUFFIXES:
         pattern = path
-        if kind == "precomputed":
-            pattern = str(Path(path) / "*.array_record")
-        elif kind == "webdataset" and Path(path).is_dir():
-            pattern = str(Path(path) / "*.tar")
-        shards = sorted(glob.glob(pattern))
+        if kind == "precomputed" or storage.path(path).is_dir():
+            pattern = f"{str(path).rstrip('/')}/*{SHARD_SUFFIXES[kind]}"
+        shards = storage.glob(pattern)
         if not shards:
-            what = "tar" if kind == "webdataset" else "ArrayRecord"
+            what = {"webdataset": "tar", "parquet": "parquet"}.get(kind, "ArrayRecord")
             raise ValueError(f"data.path={path!r}: no {what} shards ({pattern})")
         if kind == "webdataset":
             return WebDatasetSource(shards, captions)
+        if kind == "parquet":
+            return ParquetSource(shards, image_column, caption_columns)
+        if any(storage.is_remote(shard) for shard in shards):
+            raise ValueError(
+                f"data.path={path!r}: ArrayRecord shards are read from local files (copy them "
+                "here, or use webdataset or parquet shards in the bucket)"
+            )
         return grain.sources.ArrayRecordDataSource(shards)
     raise ValueError(
-        f"data.source={kind!r}: use 'manifest', 'folder', 'array_record', 'webdataset' or "
-        "'precomputed'"
+        f"data.source={kind!r}: use 'manifest', 'folder', {', '.join(map(repr, SHARD_SUFFIXES))}"
     )
 
 
 def open_configured(data_config: Any) -> Any:
-    """`open_source` of a run config's `data` (source, path and, for WebDataset, captions)."""
-    captions = tuple(data_config.get("captions", ("txt",)))
-    return open_source(data_config.source, data_config.path, captions)
+    """`open_source` of a run config's `data` (source, path, and where the shards keep their
+    images and captions)."""
+    return open_source(
+        data_config.source,
+        data_config.path,
+        tuple(data_config.get("captions", ("txt",))),
+        data_config.get("image_column", "jpg"),
+        tuple(data_config.get("caption_columns", ("caption",))),
+    )
+
+
+def read_empty_caption(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The T5 features of "" that `train.precompute` saved in `folder`."""
+    file = io.BytesIO((storage.path(folder) / EMPTY_CAPTION_FILE).read_bytes())
+    return dict(np.load(file))
 
 
 # What reading or decoding one image can raise (PIL: OSError incl. UnidentifiedImageError and
@@ -155,7 +189,8 @@ def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict
     caption = str(record.get("caption", ""))
     try:
         source = record["image"]
-        data = io.BytesIO(source) if isinstance(source, bytes) else source
+        encoded = source if isinstance(source, bytes) else storage.path(source).read_bytes()
+        data = io.BytesIO(encoded)
         with Image.open(data) as image:
             image = image.convert("RGB")
             scale = resolution / min(image.size)

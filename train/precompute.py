@@ -5,11 +5,12 @@ compute from them: ArrayRecord shards of {"latent_mean", "latent_logvar", "t5_fe
 "token_mask", "caption"} per image, and the empty caption's features (for caption dropout). Train
 from them with `--config.data.source=precomputed --config.data.path=DIR`: the step then runs only
 ELLA and the UNet, with the same numbers as the online path. Unreadable images are left out and
-counted. DIR is written whole or not at all.
+counted. DIR is written whole or not at all (staged locally, then uploaded when it is a gs:// or
+s3:// URI; training reads ArrayRecord shards from local disk).
 """
 
 import json
-from pathlib import Path
+import os
 
 import jax
 import msgpack
@@ -19,20 +20,21 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import ConfigDict, config_flags
 from tqdm import tqdm
 
+from ella_jax import storage
+from ella_jax.storage import atomic_path
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.diffusers import load_vae
 from ella_jax.weights.t5 import load_t5_encoder
-from ella_jax.weights.tensors import atomic_path
 from train import data
 from train.cli import parse_flags, run_command
 
 
 def precompute(
-    config: ConfigDict, out: str | Path, overwrite: bool = False, shard_size: int = 4096
+    config: ConfigDict, out: str | os.PathLike, overwrite: bool = False, shard_size: int = 4096
 ) -> dict:
     """Writes the precomputed folder `out`; returns its summary (also in `out/precompute.json`)."""
     t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
-    vae, vae_params = load_vae(Path(config.sd) / "vae", config.dtype)
+    vae, vae_params = load_vae(storage.path(config.sd) / "vae", config.dtype)
     tokenizer = load_tokenizer(config.t5)
     records = data.open_configured(config.data)
     encode_text = jax.jit(lambda ids, mask: t5.apply({"params": t5_params}, ids, mask))

@@ -2,10 +2,10 @@
 loop, export; each a short section, in that order."""
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NamedTuple
 
 import grain
@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ella_jax import storage
 from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
 from ella_jax.images import grid, save_png
 from ella_jax.models.ella import ELLA
@@ -58,12 +60,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     T5, an `ella_init` of another shape, a mesh that does not fit the devices, batch sizes the
     mesh cannot split, precomputed features made otherwise."""
     for key in ("sd", "t5"):
-        if not config[key] or not Path(config[key]).is_dir():
+        if not config[key] or not storage.reachable(config[key]).is_dir():
             raise ConfigError(f"config.{key}={config[key]!r} is not a model folder")
     for sub in ("unet", "vae", "scheduler"):
-        if not (Path(config.sd) / sub).is_dir():
+        if not (storage.path(config.sd) / sub).is_dir():
             raise ConfigError(f"config.sd={config.sd!r} has no {sub}/ folder")
-    cross_attention_dim = read_json(Path(config.sd) / "unet" / "config.json").get(
+    storage.reachable(config.data.path)
+    cross_attention_dim = read_json(storage.path(config.sd) / "unet" / "config.json").get(
         "cross_attention_dim"
     )
     if config.ella.width != cross_attention_dim:
@@ -92,7 +95,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.remat not in REMAT:
         raise ConfigError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT)}")
-    d_model = read_json(Path(config.t5) / "config.json").get("d_model")
+    d_model = read_json(storage.path(config.t5) / "config.json").get("d_model")
     if config.ella_init:
         _check_ella_init(config, {**config.ella, "input_dim": d_model})
     if config.data.source == "precomputed":
@@ -118,7 +121,7 @@ def _check_precomputed(config: ml_collections.ConfigDict, d_model: int) -> None:
     """The features in a `train.precompute` folder were made with this config's image size,
     token length, T5 dtype and a T5 of the config's width (the step would train on them as
     they are)."""
-    summary_path = Path(config.data.path) / "precompute.json"
+    summary_path = storage.path(config.data.path) / "precompute.json"
     try:
         made = read_json(summary_path)
     except CheckpointError as e:
@@ -136,9 +139,9 @@ def _check_precomputed(config: ml_collections.ConfigDict, d_model: int) -> None:
                 f"config.{key}={value!r}, but {summary_path} was made with {field}="
                 f"{made[field]!r}: rerun train.precompute with this config"
             )
-    empty_path = Path(config.data.path) / data.EMPTY_CAPTION_FILE
+    empty_path = storage.path(config.data.path) / data.EMPTY_CAPTION_FILE
     try:
-        width = np.load(empty_path)["t5_features"].shape[-1]
+        width = data.read_empty_caption(config.data.path)["t5_features"].shape[-1]
     except (OSError, KeyError, ValueError) as e:
         raise ConfigError(f"{empty_path}: not readable ({e}); rerun train.precompute") from None
     if width != d_model:
@@ -148,7 +151,7 @@ def _check_precomputed(config: ml_collections.ConfigDict, d_model: int) -> None:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Trains (or resumes) the run of `config` in `workdir`. From its first line on, SIGTERM and
     SIGINT stop the run at its next step (the next logged step when there are several
     processes) with a checkpoint; a second SIGINT interrupts at once."""
@@ -159,10 +162,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
             "SIGTERM or SIGINT saves a checkpoint and stops",
             flush=True,
         )
-        _train(config, Path(workdir), stop)
+        _train(config, storage.reachable(workdir), stop)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") -> None:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopFlag") -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     check_config(config)
 
@@ -171,7 +174,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
     primary = jax.process_index() == 0  # writes logs, samples and the export
 
     # ------------------------------------------------------------------------ Frozen models
-    sd = Path(config.sd)
+    sd = storage.path(config.sd)
     t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
     vae, vae_params = load_vae(sd / "vae", config.dtype)
     unet, unet_params = load_unet(sd / "unet", config.dtype)
@@ -218,7 +221,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: "_StopFlag") 
         return ids[0], mask[0]
 
     if config.data.source == "precomputed":
-        empty = dict(np.load(Path(config.data.path) / data.EMPTY_CAPTION_FILE))
+        empty = data.read_empty_caption(config.data.path)
         prepare = data.precomputed_examples(empty)
     else:
         prepare = data.online_examples(tokenize_one, config.data.resolution, skipped_images)

@@ -21,14 +21,13 @@ import os
 import sys
 import tarfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from ella_jax.weights.tensors import atomic_path
+from ella_jax import storage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -39,17 +38,19 @@ def _split(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def build_index(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def build_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """[(key, {extension: (offset, size)})] of a tar shard, in the shard's order. A shard cut
     short keeps the examples before the cut (said on stderr); a file that is not a tar is a
     ValueError."""
     examples: dict[str, dict[str, tuple[int, int]]] = {}
+    stream = storage.path(shard).open("rb")
     try:
-        archive = tarfile.open(shard, "r:")  # noqa: SIM115 (closed by the `with` below)
+        archive = tarfile.open(fileobj=stream, mode="r:")  # noqa: SIM115 (closed below)
     except (tarfile.TarError, EOFError) as e:
+        stream.close()
         raise ValueError(f"{shard}: not a tar shard ({e}): does data.source name the kind of "
                          "data data.path holds?") from None  # fmt: skip
-    with archive:
+    with stream, archive:
         try:
             for member in archive:
                 if member.isfile():
@@ -62,12 +63,11 @@ def build_index(shard: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 
 def shard_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """The shard's index, from SHARD.index.json when it was made for this very file (size and
-    modification time), otherwise built and cached there (skipped where the folder is
+    """The shard's index, from SHARD.index.json when it was made for this very file
+    (`storage.version`), otherwise built and cached there (skipped where the folder is
     read-only)."""
-    shard = Path(shard)
-    stat = shard.stat()
-    stamp = {"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    shard = storage.path(shard)
+    stamp = {"version": INDEX_VERSION, "shard": storage.version(shard)}
     cached = shard.with_name(shard.name + INDEX_SUFFIX)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         saved = json.loads(cached.read_text())
@@ -76,7 +76,7 @@ def shard_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int
                     for key, members in saved["examples"]]  # fmt: skip
     examples = build_index(shard)
     try:
-        with atomic_path(cached, overwrite=True) as staging:
+        with storage.atomic_path(cached, overwrite=True) as staging:
             staging.write_text(json.dumps({"stamp": stamp, "examples": examples}))
     except OSError as e:
         print(f"warning: {cached}: index not cached ({e.strerror})", file=sys.stderr)
@@ -104,7 +104,7 @@ class WebDatasetSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard = bisect.bisect_right(self.starts, index) - 1
         key, members = self.indexes[shard][index - self.starts[shard]]
-        with open(self.shards[shard], "rb") as file:
+        with storage.path(self.shards[shard]).open("rb") as file:
 
             def read(extension: str) -> bytes | None:
                 if extension not in members:

@@ -3,12 +3,12 @@
 Diffusion pipeline's `text_encoder/`."""
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from ella_jax import storage
 from ella_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
 from ella_jax.weights.modules import params_for
 from ella_jax.weights.tensors import read_config, read_weights_folder
@@ -23,7 +23,7 @@ def load_clip_text_encoder(
 
     Use: `model.apply({"params": params}, input_ids)` -> ((B, L, hidden), pooled (B, hidden)).
     """
-    config = read_config(Path(folder) / "config.json", CLIPTextConfig.from_dict)
+    config = read_config(storage.path(folder) / "config.json", CLIPTextConfig.from_dict)
     tensors = read_weights_folder(folder, "model")
     # transformers 5 saves `CLIPTextModel` without the `text_model.` prefix that earlier releases
     # (and so every released Stable Diffusion folder) have.

@@ -2,12 +2,12 @@
 `config.json` and `diffusion_pytorch_model.safetensors`, or shards with an index)."""
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from ella_jax import storage
 from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ella_jax.models.vae import AutoencoderKL, VAEConfig
 from ella_jax.weights.modules import params_for
@@ -23,7 +23,7 @@ def load_unet(
 
     Use: `model.apply({"params": params}, latents_nhwc, timesteps, context)`.
     """
-    config = read_config(Path(folder) / "config.json", UNetConfig.from_dict)
+    config = read_config(storage.path(folder) / "config.json", UNetConfig.from_dict)
     model = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype or dtype)
     levels = len(config.block_out_channels)
     size = 2 ** (levels - 1)
@@ -49,7 +49,7 @@ def load_vae(
 
     Use: `model.apply({"params": params}, latents, method="decode")`, `method="encode"`.
     """
-    config = read_config(Path(folder) / "config.json", VAEConfig.from_dict)
+    config = read_config(storage.path(folder) / "config.json", VAEConfig.from_dict)
     model = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype or dtype)
     size = 2 ** (len(config.block_out_channels) - 1)
     example = (jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),)

@@ -13,20 +13,21 @@ neither and the released model's shapes defaults to the released 8 heads.
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from jax.typing import DTypeLike
 
+from ella_jax import storage
 from ella_jax.models.ella import ELLA
+from ella_jax.storage import atomic_path
 from ella_jax.weights.naming import check_tensors, params_from_torch, params_to_torch
 from ella_jax.weights.tensors import (
     CheckpointError,
-    atomic_path,
     read_json,
     read_safetensors,
     read_safetensors_metadata,
@@ -79,7 +80,7 @@ def sizes_from_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str,
     )
 
 
-def _stored_configs(path: Path) -> list[tuple[str, dict]]:
+def _stored_configs(path: epath.Path) -> list[tuple[str, dict]]:
     """(where, config) for each config stored with an official file: its metadata's, and a
     sibling ella_config.json's."""
     stored = []
@@ -97,7 +98,7 @@ def _stored_configs(path: Path) -> list[tuple[str, dict]]:
     return stored
 
 
-def heads_of(path: Path, sizes: dict[str, int], heads: int | None) -> int:
+def heads_of(path: epath.Path, sizes: dict[str, int], heads: int | None) -> int:
     """The attention heads of the official file at `path` with tensor `sizes`: the stored
     config's (checked against the sizes and against `heads`, when given), else `heads`, else 8
     for the released shapes. Anything else is a CheckpointError that says what to do."""
@@ -154,7 +155,7 @@ def abstract_params(model: ELLA) -> Any:
 
 def read_official(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, dict]:
     """(config, params) from an official-layout ELLA .safetensors file (heads: `heads_of`)."""
-    path = Path(path)
+    path = storage.path(path)
     tensors = read_safetensors(path)
     sizes = sizes_from_tensors(tensors, str(path))
     config = {**sizes, "heads": heads_of(path, sizes, heads)}
@@ -184,12 +185,12 @@ def write_official(
 
 def write_official_config(path: str | os.PathLike, config: dict[str, int]) -> None:
     """The official constructor's arguments as JSON (`ella_config.json`)."""
-    Path(path).write_text(json.dumps({k: config[k] for k in CONFIG_KEYS}, indent=2) + "\n")
+    storage.path(path).write_text(json.dumps({k: config[k] for k in CONFIG_KEYS}, indent=2) + "\n")
 
 
 def write_converted(directory: str | os.PathLike, config: dict[str, int], params: Any) -> None:
     """Writes a converted directory (into an existing empty or new folder)."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(params, sep="/")
     write_safetensors({k: np.asarray(v) for k, v in flat.items()}, directory / PARAMS_FILE)
@@ -198,7 +199,7 @@ def write_converted(directory: str | os.PathLike, config: dict[str, int], params
 
 def read_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
     """(config, params) from a converted directory, checked against the model's tree."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     config = read_json(directory / CONFIG_FILE)
     check_config(config, str(directory / CONFIG_FILE))
     flat = read_safetensors(directory / PARAMS_FILE)
@@ -214,7 +215,7 @@ def read_ella(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, 
     The heads are the stored ones (a directory's config.json; a file's metadata or the
     ella_config.json beside it, see `heads_of`); `heads` given and different is an error.
     """
-    path = Path(path)
+    path = storage.path(path)
     if path.is_dir():
         config, params = read_converted(path)
         if heads is not None and heads != config["heads"]:

@@ -2,12 +2,12 @@
 listed in `model.safetensors.index.json`). Decoder tensors are not read."""
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from ella_jax import storage
 from ella_jax.models.t5 import T5Config, T5Encoder
 from ella_jax.weights.modules import params_for
 from ella_jax.weights.tensors import read_config, read_weights_folder
@@ -20,7 +20,7 @@ def load_t5_encoder(
 
     Use: `model.apply({"params": params}, input_ids, attention_mask)` -> (B, L, d_model).
     """
-    config = read_config(Path(folder) / "config.json", T5Config.from_dict)
+    config = read_config(storage.path(folder) / "config.json", T5Config.from_dict)
     tensors = read_weights_folder(
         folder, "model", keep=lambda n: n.startswith(("shared.", "encoder."))
     )

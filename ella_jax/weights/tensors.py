@@ -1,16 +1,16 @@
-"""Reading and writing safetensors files with errors that name the file, and atomic outputs."""
+"""Reading and writing safetensors files (local or in a bucket) with errors that name the file."""
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
+
+from ella_jax import storage
+
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library allows
 
 
 class CheckpointError(Exception):
@@ -22,10 +22,13 @@ def read_safetensors(
 ) -> dict[str, np.ndarray]:
     """The tensors of a .safetensors file (those whose name `keep` accepts), as numpy arrays in
     their stored dtypes."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
+        if storage.is_remote(path):  # read whole: safe_open maps local files only
+            tensors = safetensors.numpy.load(path.read_bytes())
+            return {name: t for name, t in tensors.items() if keep is None or keep(name)}
         with safetensors.safe_open(path, framework="numpy") as f:
             return {name: f.get_tensor(name) for name in f.keys() if keep is None or keep(name)}  # noqa: SIM118
     except Exception as e:  # the library raises several types for a damaged file
@@ -34,10 +37,16 @@ def read_safetensors(
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a .safetensors file's header ({} when it has none)."""
-    path = Path(path)
+    path = storage.path(path)
     try:
-        with safetensors.safe_open(path, framework="numpy") as f:
-            return dict(f.metadata() or {})
+        if not storage.is_remote(path):
+            with safetensors.safe_open(path, framework="numpy") as f:
+                return dict(f.metadata() or {})
+        with path.open("rb") as file:  # the header alone: an 8-byte little-endian size, JSON
+            size = int.from_bytes(file.read(8), "little")
+            if size > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {size} bytes")
+            return dict(json.loads(file.read(size)).get("__metadata__") or {})
     except Exception as e:  # the library raises several types for a damaged file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -47,7 +56,7 @@ def read_weights_folder(
 ) -> dict[str, np.ndarray]:
     """The tensors of `folder/stem.safetensors`, or of the shards listed in
     `folder/stem.safetensors.index.json` (as Hugging Face and diffusers save large models)."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.is_file():
         return read_safetensors(single, keep)
@@ -64,7 +73,7 @@ def read_weights_folder(
 
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from a file; a missing or malformed file is a CheckpointError."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -83,27 +92,6 @@ def read_config(path: str | os.PathLike, parse: Callable[[dict], Any]) -> Any:
         return parse(read_json(path))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-@contextlib.contextmanager
-def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary path beside `destination` that replaces it only if the block succeeds.
-
-    Works for a file or a directory; on any exception nothing is left behind.
-    """
-    destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise CheckpointError(f"{destination}: already exists (pass --overwrite to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    temporary = staging / destination.name
-    try:
-        yield temporary
-        if destination.is_dir():
-            shutil.rmtree(destination)
-        os.replace(temporary, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_safetensors(
