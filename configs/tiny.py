@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
             caption_dropout=0.1,
             max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error
             captions=("txt",),  # webdataset: "txt", "json:FIELD"; several: one per step
+            image_column="jpg",  # parquet: the encoded images' column (img2dataset's name)
+            caption_columns=("caption",),  # parquet: the captions' columns; several: as above
             read_threads=16,  # decoding threads per process
             prefetch_batches=4,  # batches read ahead per process (host memory)
         )

@@ -14,7 +14,9 @@ stages an output locally and uploads each of its files once, so a reader never s
 
 import contextlib
 import glob as local_glob
+import importlib.util
 import os
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -23,6 +25,7 @@ import fsspec
 from etils import epath
 
 REMOTE_SCHEMES = ("gs://", "s3://")
+CLIENTS = {"gs": "gcsfs", "s3": "s3fs"}  # fsspec's implementation of each scheme
 
 # fsspec keeps bucket listings for the life of a process: a checkpoint another process wrote or
 # deleted since would stay invisible (or a deleted one visible) to a resume or an export.
@@ -39,6 +42,16 @@ def path(location: str | os.PathLike) -> epath.Path:
     text = os.fspath(location)
     if "://" in text and not text.startswith(REMOTE_SCHEMES):
         raise StorageError(f"{text}: only local paths, gs:// and s3:// are supported")
+    if is_remote(text):
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            # An emulator serves GCS's JSON API only: gcsfs's bucket-layout lookup (the control
+            # API) would fail at every call, after asking for credentials, and log it.
+            os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        scheme = text.split("://")[0]
+        if importlib.util.find_spec(CLIENTS[scheme]) is None:
+            raise StorageError(
+                f"{text}: {scheme}:// paths need {CLIENTS[scheme]}: pip install 'ella-jax[cloud]'"
+            )
     return epath.Path(text)
 
 
@@ -75,7 +88,8 @@ def glob(pattern: str) -> list[str]:
 
 def version(location: str | os.PathLike) -> str:
     """A string that changes whenever the file at `location` does: its size and modification
-    time in nanoseconds locally, the store's own key (ETag, generation) in a bucket."""
+    time in nanoseconds locally, a hash of the store's record of the object in a bucket (with
+    its ETag or generation)."""
     if is_remote(location):
         return str(_filesystem(location).ukey(os.fspath(location)))
     stat = os.stat(location)
@@ -83,7 +97,7 @@ def version(location: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[epath.Path]:
+def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[pathlib.Path]:
     """Yields a local temporary path to write a file or a folder to; when the block succeeds it
     replaces `destination` (local or remote), and on any exception nothing is left behind.
 
@@ -97,7 +111,7 @@ def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iter
     if not remote:
         destination.parent.mkdir(parents=True, exist_ok=True)
     folder = None if remote else destination.parent
-    staging = epath.Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=folder))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=folder))
     temporary = staging / destination.name
     try:
         yield temporary
@@ -131,7 +145,7 @@ def local_copy(folder: str | os.PathLike, names: Sequence[str]) -> Iterator[epat
         yield epath.Path(staging)
 
 
-def _upload(local: epath.Path, destination: epath.Path) -> None:
+def _upload(local: pathlib.Path, destination: epath.Path) -> None:
     filesystem = _filesystem(destination)
     if destination.exists():
         filesystem.rm(os.fspath(destination), recursive=True)

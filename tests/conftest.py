@@ -314,6 +314,9 @@ def upload(local: Path, uri: str) -> None:
     """Copies a local file, or a folder's files, to `uri`."""
     import fsspec
 
+    from ella_jax import storage
+
+    storage.path(uri)  # before fsspec loads gcsfs: it configures gcsfs for the emulator
     filesystem = fsspec.core.url_to_fs(uri)[0]
     files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
     for file in files:

@@ -1,13 +1,15 @@
 """The generation CLI (`python -m ella_jax.generate`) on the tiny reference models, and the
 caption-upsampling helper. Few runs, shared by module-scoped fixtures: each loads and compiles."""
 
+import io
 import json
 
 import numpy as np
 import pytest
-from conftest import REFERENCE
+from conftest import REFERENCE, ROOT, upload
 from PIL import Image
 
+from ella_jax import storage
 from ella_jax.captions import INSTRUCTION, build_messages, upsample_caption
 from ella_jax.generate import main, slugify
 
@@ -114,6 +116,21 @@ def test_upsampled_captions_reach_the_encoders(batched, tmp_path, monkeypatch):
         assert metadata["upsampled_prompt"] == f"{prompt} {UPSAMPLED}"
         # The tiny random UNet barely listens to its context: a pixel level or so, but not 0.
         assert np.abs(pixels(tmp_path / name) - pixels(batched / name)).max() > 0, name
+
+
+def test_models_and_outputs_in_a_bucket(batched, buckets):
+    """Model folders read from a GCS bucket (fake-gcs-server) and the image written there: the
+    local run's pixels."""
+    bucket = buckets("gs")
+    for name in ("sd", "t5", "ella.safetensors"):
+        upload(REFERENCE / name, f"{bucket}/{name}")
+    models = [f"{bucket}/{a[len(str(REFERENCE)) + 1 :]}" if a.startswith(str(REFERENCE)) else a
+              for a in MODELS]  # fmt: skip
+    argv = ["--prompt", PROMPTS[0], "--batch-size", "3", "--seed", "7", "--out", f"{bucket}/out"]
+    assert main([*models, *argv]) == 0
+    image = io.BytesIO(storage.path(f"{bucket}/out/{NAMES[0]}").read_bytes())
+    np.testing.assert_array_equal(pixels(image), pixels(batched / NAMES[0]))
+    assert not (ROOT / "gs:").exists()
 
 
 def test_dpg_bench_grids_and_resume(tmp_path, capsys):

@@ -31,7 +31,12 @@ class ParquetSource:
         image_column: str = "jpg",
         caption_columns: Sequence[str] = ("caption",),
     ):
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(
+                "data.source='parquet' needs pyarrow: pip install 'ella-jax[parquet]'"
+            ) from None
 
         self.files = [str(f) for f in files]
         self.columns = [image_column, *caption_columns]

@@ -2,8 +2,9 @@
 
 A shard holds examples as members named KEY.EXT (KEY.jpg and KEY.txt, optionally KEY.json with
 more captions). Grain reads examples by index, in any order, on several threads: each shard's
-members are located once (their byte offsets, from the tar headers) and the index is cached
-beside the shard (00000.tar.index.json beside 00000.tar), rebuilt when the shard changes. A
+members are located once (their byte offsets, from the tar headers; by process 0 alone in a
+multi-process run) and the index is cached beside the shard (00000.tar.index.json beside
+00000.tar), rebuilt when the shard changes. A
 record is then one seek and one read per member. An example without an image or without a
 caption is kept, with empty image bytes: decoding fails, and the trainer counts it as skipped
 (never a crash).
@@ -21,13 +22,17 @@ import os
 import sys
 import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from tqdm import tqdm
 
 from ella_jax import storage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_SUFFIX = ".index.json"
 INDEX_VERSION = 2
+INDEXING_THREADS = 16
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -93,7 +98,12 @@ class WebDatasetSource:
                 raise ValueError(f"data.captions: {field!r} is neither 'txt' nor 'json:FIELD'")
         self.captions = tuple(captions)
         self.shards = [str(s) for s in shards]
-        self.indexes = [shard_index(s) for s in self.shards]
+        # Threads: indexing a shard in a bucket is mostly waiting for its bytes.
+        with ThreadPoolExecutor(INDEXING_THREADS) as pool:
+            indexing = pool.map(shard_index, self.shards)
+            bar = tqdm(indexing, total=len(self.shards), desc="shard indexes", unit="shard",
+                       disable=len(self.shards) < 100, leave=False)  # fmt: skip
+            self.indexes = list(bar)
         self.starts = [0]
         for index in self.indexes:
             self.starts.append(self.starts[-1] + len(index))
