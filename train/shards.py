@@ -23,10 +23,6 @@ from ella_jax.storage import atomic_path
 from train import data
 
 
-def _records(source: Sequence) -> list[dict]:
-    return [source[i] for i in range(len(source))]
-
-
 def _image(record: dict) -> tuple[bytes, str]:
     """(encoded bytes, extension) of a record's image."""
     image = record["image"]
@@ -36,12 +32,20 @@ def _image(record: dict) -> tuple[bytes, str]:
     return storage.path(image).read_bytes(), extension
 
 
-def write_webdataset(records: list[dict], out: str, per_shard: int) -> list[str]:
-    written = []
+def _chunks(records: Sequence, per_shard: int):
+    """(shard number, first index, the shard's records), one shard in memory at a time."""
     for number, start in enumerate(tqdm(range(0, len(records), per_shard), desc="shards")):
+        end = min(start + per_shard, len(records))
+        yield number, start, [records[i] for i in range(start, end)]
+
+
+def write_webdataset(records: Sequence, out: str, per_shard: int) -> list[str]:
+    """Writes `records` (a `train.data` source) as WebDataset shards; returns their paths."""
+    written = []
+    for number, start, chunk in _chunks(records, per_shard):
         shard = f"{out.rstrip('/')}/{number:05d}.tar"
         with atomic_path(shard, overwrite=True) as staging, tarfile.open(staging, "w") as archive:
-            for index, record in enumerate(records[start : start + per_shard], start=start):
+            for index, record in enumerate(chunk, start=start):
                 key = f"{index:09d}"
                 image, extension = _image(record)
                 captions = record.get("captions") or [record["caption"]]
@@ -58,13 +62,13 @@ def write_webdataset(records: list[dict], out: str, per_shard: int) -> list[str]
     return written
 
 
-def write_parquet(records: list[dict], out: str, per_shard: int, row_group: int) -> list[str]:
+def write_parquet(records: Sequence, out: str, per_shard: int, row_group: int) -> list[str]:
+    """Writes `records` (a `train.data` source) as parquet shards; returns their paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     written = []
-    for number, start in enumerate(tqdm(range(0, len(records), per_shard), desc="shards")):
-        chunk = records[start : start + per_shard]
+    for number, start, chunk in _chunks(records, per_shard):
         table = pa.table(
             {
                 "key": [f"{i:09d}" for i in range(start, start + len(chunk))],
@@ -85,17 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--source", default="manifest", help="a train.data source kind")
+    parser.add_argument(
+        "--source",
+        default="manifest",
+        choices=["manifest", "folder", "webdataset", "parquet", "array_record"],
+        help="what --path holds (as config.data.source)",
+    )
     parser.add_argument("--path", required=True, help="its data.path (local or a URI)")
     parser.add_argument("--out", required=True, help="folder or gs:// / s3:// URI to write to")
     parser.add_argument("--format", choices=["webdataset", "parquet"], required=True)
     parser.add_argument("--per-shard", type=int, default=10000, help="examples per shard")
-    parser.add_argument("--row-group", type=int, default=256, help="parquet rows per row group")
+    parser.add_argument(
+        "--row-group", type=int, default=100, help="parquet rows per row group (img2dataset's)"
+    )
     args = parser.parse_args(argv)
     if args.per_shard <= 0 or args.row_group <= 0:
         parser.error("--per-shard and --row-group must be positive")
     try:
-        records = _records(data.open_source(args.source, args.path))
+        records = data.open_source(args.source, args.path)
         storage.reachable(args.out)
         if args.format == "webdataset":
             written = write_webdataset(records, args.out, args.per_shard)
