@@ -1,6 +1,7 @@
 """Orbax checkpoints of the trained state and the data iterator, saved together."""
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -102,9 +103,17 @@ def _brief(error: Exception) -> str:
 
 
 def _orbax_path(directory: str | os.PathLike) -> epath.Path:
-    _extend_orbax_stores()
     path = storage.path(directory)
-    return path if storage.is_remote(path) else path.absolute()
+    if not storage.is_remote(path):
+        return path.absolute()
+    if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):
+        # TensorStore (orbax's array store) does not read the clients' emulator variable.
+        url = emulator if "://" in emulator else f"http://{emulator}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # any token will do
+    if os.fspath(path).startswith("s3://"):
+        _give_orbax_s3()
+    return path
 
 
 def _commit_file_class(directory: str | os.PathLike) -> Any:
@@ -113,28 +122,25 @@ def _commit_file_class(directory: str | os.PathLike) -> Any:
     return atomicity.CommitFileTemporaryPath if os.fspath(directory).startswith("s3://") else None
 
 
-def _extend_orbax_stores() -> None:
-    """Lets orbax store arrays in s3:// and find the emulators the storage clients find.
+@functools.cache
+def _give_orbax_s3() -> None:
+    """Lets orbax store its arrays in s3:// through TensorStore's S3 driver.
 
-    orbax 0.12 builds TensorStore specs for gs:// and local paths only (google/orbax#359,
-    #2739), although TensorStore has an S3 driver: its two private functions that decide are
-    extended here, for s3:// only. TensorStore does not read the clients' emulator variables,
-    so STORAGE_EMULATOR_HOST becomes its GCS endpoint (emulators take any token), and
-    AWS_ENDPOINT_URL and the region become the S3 spec's endpoint and region."""
-    from orbax.checkpoint._src.path import gcs_utils
-    from orbax.checkpoint._src.serialization import tensorstore_utils
+    orbax 0.12 builds TensorStore specs for gs:// and local paths only (google/orbax#359, #2739):
+    the two private functions that decide are extended here, for s3:// only, with the endpoint
+    and region of AWS_ENDPOINT_URL(_S3) and AWS_REGION / AWS_DEFAULT_REGION (TensorStore reads
+    neither for itself). The S3 training test fails if a later orbax moves them."""
+    try:
+        from orbax.checkpoint._src.path import gcs_utils
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-    if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):
-        url = emulator if "://" in emulator else f"http://{emulator}"
-        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
-        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
-    if getattr(tensorstore_utils, "_ella_jax_s3", False):
-        return
-    uses_gcs_driver, normalize = (
-        tensorstore_utils._use_gcs_driver,
-        tensorstore_utils._normalize_path,
-    )
-    gcs_kvstore = gcs_utils.get_kvstore_for_gcs
+        uses_gcs_driver, normalize = ts_utils._use_gcs_driver, ts_utils._normalize_path
+        gcs_kvstore = gcs_utils.get_kvstore_for_gcs
+    except (ImportError, AttributeError):
+        raise storage.StorageError(
+            f"orbax-checkpoint {ocp.__version__} cannot be given s3:// (this project knows 0.12): "
+            "use a gs:// or local work directory"
+        ) from None
 
     def kvstore(path: str) -> dict[str, Any]:
         if not path.startswith("s3://"):
@@ -147,13 +153,10 @@ def _extend_orbax_stores() -> None:
             spec["aws_region"] = region
         return spec
 
-    tensorstore_utils._use_gcs_driver = lambda path: (
-        path.startswith("s3://") or uses_gcs_driver(path)
-    )
-    tensorstore_utils._normalize_path = lambda path: (
+    ts_utils._use_gcs_driver = lambda path: path.startswith("s3://") or uses_gcs_driver(path)
+    ts_utils._normalize_path = lambda path: (
         "s3://" + normalize(path.removeprefix("s3://"))
         if path.startswith("s3://")
         else normalize(path)
     )
     gcs_utils.get_kvstore_for_gcs = kvstore
-    tensorstore_utils._ella_jax_s3 = True
