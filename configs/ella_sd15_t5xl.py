@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
             caption_dropout=0.1,  # [ours] (issue default; ip-adapter uses 0.05)
             max_skipped_fraction=0.5,  # [ours] more unreadable images in a log interval: error
             captions=("txt",),  # [ours] webdataset: "txt", "json:FIELD"; several: one per step
+            caption_weights=(),  # [ours] several captions: their weights by position (): uniform
             image_column="jpg",  # [ours] parquet: the encoded images' column (img2dataset's)
             caption_columns=("caption",),  # [ours] parquet: the captions' columns
             read_threads=16,  # [ours] decoding threads per process

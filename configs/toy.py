@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
             caption_dropout=0.1,
             max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error
             captions=("txt",),  # webdataset: "txt", "json:FIELD"; several: one per step
+            caption_weights=(),  # several captions: their weights, by position; (): uniform
             image_column="jpg",  # parquet: the encoded images' column (img2dataset's name)
             caption_columns=("caption",),  # parquet: the captions' columns; several: as above
             read_threads=16,  # decoding threads per process

@@ -1,6 +1,6 @@
 """Multi-process training on one machine: 2 processes x 4 CPU devices, gloo collectives over
-loopback, reading and writing one GCS bucket (fake-gcs-server), interrupted and resumed, against
-1 process x 8 devices; one process killed."""
+loopback, reading WebDataset shards from a GCS bucket (fake-gcs-server) and writing into it,
+interrupted and resumed, against 1 process x 8 devices; one process killed."""
 
 import itertools
 import os
@@ -18,11 +18,11 @@ from conftest import (
     read_tensors,
     relative_error,
     start,
-    upload,
     wait_for,
 )
 
 from ella_jax import storage
+from train import shards
 
 ARGS = ["--config", "configs/tiny.py", *[f"--config.{k}={v}" for k, v in SHORT.items()]]
 
@@ -45,17 +45,20 @@ def process_pid(text: str, index: int) -> int:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, buckets):
-    """The SHORT tiny run on 2 processes x 4 devices, its data and work directory in a GCS
-    bucket, with a SIGTERM to process 1 alone as soon as both handle it (before their first
-    step), then rerun to the end: one run serves both tests below (each launch costs a minute
-    here). Returns (workdir, the stopped launch's output, the checkpoint steps it left, whether
-    it exported)."""
+    """The SHORT tiny run on 2 processes x 4 devices, its data (WebDataset shards of data/tiny
+    in the manifest's order: the same global batches; indexed by process 0 alone) and work
+    directory in a GCS bucket, with a SIGTERM to process 1 alone as soon as both handle it
+    (before their first step), then rerun to the end: one run serves both tests below (each
+    launch costs a minute here). Returns (workdir, the stopped launch's output, the checkpoint
+    steps it left, whether it exported)."""
     bucket = buckets("gs")
-    upload(ROOT / "data" / "tiny", f"{bucket}/tiny")
+    manifest = ROOT / "data" / "tiny" / "captions.jsonl"
+    assert shards.main(["--path", str(manifest), "--out", f"{bucket}/tiny", "--format",
+                        "webdataset", "--per-shard", "10"]) == 0  # fmt: skip
     workdir = storage.path(f"{bucket}/two_processes")
-    data = f"--config.data.path={bucket}/tiny/captions.jsonl"
+    data = ["--config.data.source=webdataset", f"--config.data.path={bucket}/tiny"]
     log = tmp_path_factory.mktemp("two_processes") / "launch.log"
-    process = launch(workdir, log, data)
+    process = launch(workdir, log, *data)
     text = wait_for(process, log, both_ready)
     os.kill(process_pid(text, 1), signal.SIGTERM)
     stopped_out = finish(process, log)
@@ -63,7 +66,7 @@ def two_processes(tmp_path_factory, buckets):
     checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     exported = (workdir / "ella.safetensors").exists()
 
-    process = launch(workdir, log, data)
+    process = launch(workdir, log, *data)
     out = finish(process, log)
     assert process.returncode == 0, out[-3000:]
     assert not (ROOT / "gs:").exists()

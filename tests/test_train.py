@@ -27,6 +27,7 @@ from conftest import (
     subprocess_env,
     tiny_config,
     train_step_setup,
+    upload,
     wait_for,
 )
 
@@ -34,7 +35,7 @@ from ella_jax import load_ella, storage
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.tensors import read_safetensors_metadata
-from train import data, shards
+from train import data
 from train.trainer import ConfigError, check_config, train
 
 
@@ -176,21 +177,17 @@ def test_the_trainer_reads_precomputed_data(uninterrupted, precomputed, tmp_path
 
 
 def test_sigterm_then_rerun_in_a_bucket_gives_the_uninterrupted_run(uninterrupted, buckets):
-    """The README's command with its data (WebDataset shards of data/tiny, written in the
-    manifest's order by `train.shards`: the same global batches) and work directory in an S3
-    bucket (moto's server): a SIGTERM once the trainer says it handles them (before its first
-    step) stops the run at step 1 with a checkpoint there; the rerun continues it bit for bit
-    and exports into the bucket, which `convert export` reads back. Nothing is written to a
-    local s3: folder."""
+    """The README's command with its data and work directory in an S3 bucket (moto's server): a
+    SIGTERM once the trainer says it handles them (before its first step) stops the run at step
+    1 with a checkpoint there; the rerun continues it bit for bit and exports into the bucket,
+    which `convert export` reads back. Nothing is written to a local s3: folder."""
     bucket = buckets("s3")
-    manifest = ROOT / "data" / "tiny" / "captions.jsonl"
-    assert shards.main(["--path", str(manifest), "--out", f"{bucket}/tiny", "--format",
-                        "webdataset", "--per-shard", "10"]) == 0  # fmt: skip
+    upload(ROOT / "data" / "tiny", f"{bucket}/tiny")
     workdir = storage.path(f"{bucket}/run")
     overrides = [f"--config.{k}={v}" for k, v in SHORT.items()]
     command = [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
-               f"--workdir={workdir}", "--config.data.source=webdataset",
-               f"--config.data.path={bucket}/tiny", *overrides]  # fmt: skip
+               f"--workdir={workdir}", f"--config.data.path={bucket}/tiny/captions.jsonl",
+               *overrides]  # fmt: skip
     log = Path(tempfile.mkdtemp()) / "log"
     process = start(command, log)
     wait_for(process, log, lambda text: "process 0 of 1" in text)

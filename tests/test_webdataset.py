@@ -107,8 +107,8 @@ def test_missing_and_corrupt_members_are_skipped_and_counted(tmp_path, capsys):
 
 def test_several_captions_are_drawn_per_example_and_step(tmp_path):
     """captions=("txt", "json:long_caption"): each example gives one of its two captions,
-    drawn by its global index (both appear, the same on a rerun); train.precompute's decode
-    keeps the first."""
+    drawn by its global index (both appear, the same on a rerun; `caption_weights` choose);
+    train.precompute's decode keeps the first."""
     records = data.read_manifest(TINY / "captions.jsonl")[:8]
     write_shards(tmp_path, records, 8, extra=lambda r: {"long_caption": "LONG " + r["caption"]})
     source = data.open_source("webdataset", str(tmp_path), ("txt", "json:long_caption"))
@@ -121,5 +121,10 @@ def test_several_captions_are_drawn_per_example_and_step(tmp_path):
     assert 0 < long < 32
     again = data.make_dataset(source, prepare, 8, 0.0, seed=0)
     assert drawn == [list(again[step]) for step in range(4)]
+    for weights, expected in (((0, 1), 8), ((1, 0), 0)):  # data.caption_weights
+        weighted = data.make_dataset(source, prepare, 8, 0.0, 0, caption_weights=weights)
+        assert sum(caption.startswith("LONG ") for caption in weighted[0]) == expected
+    with pytest.raises(ValueError, match=r"data\.caption_weights=\(0, 0\): use weights >= 0"):
+        data.make_dataset(source, prepare, 8, 0.0, 0, caption_weights=(0, 0))
     with pytest.raises(ValueError, match=r"data\.captions: 'caption' is neither"):
         data.open_source("webdataset", str(tmp_path), ("caption",))

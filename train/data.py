@@ -20,7 +20,7 @@ sequence is cut into global batches, and process p reads rows [p * L, (p + 1) * 
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -131,6 +131,11 @@ def open_source(
     raise ValueError(
         f"data.source={kind!r}: use 'manifest', 'folder', {', '.join(map(repr, SHARD_SUFFIXES))}"
     )
+
+
+def dataset_options(data_config: Any) -> dict[str, Any]:
+    """`make_dataset`'s keyword arguments from a run config's `data`."""
+    return {"caption_weights": tuple(data_config.get("caption_weights", ()))}
 
 
 def open_configured(data_config: Any) -> Any:
@@ -286,11 +291,18 @@ def make_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    caption_weights: Sequence[float] = (),
 ) -> grain.MapDataset:
     """Per-process batches (dicts of (L, ...) arrays, from `prepare(record, drop_caption)`) of the
-    global batches, L = global_batch / process_count."""
+    global batches, L = global_batch / process_count. A record with several captions gives one
+    per example and step, drawn with `caption_weights` (by position; those of the captions a
+    record has, renormalised) or uniformly when there are none."""
     if global_batch % process_count:
         raise ValueError(f"batch_size={global_batch} is not divisible by {process_count} processes")
+    if any(w < 0 for w in caption_weights) or (caption_weights and not sum(caption_weights)):
+        raise ValueError(
+            f"data.caption_weights={tuple(caption_weights)}: use weights >= 0, not all 0"
+        )
     local = global_batch // process_count
     examples = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
 
@@ -301,10 +313,13 @@ def make_dataset(
         drop_caption = rng.random() < caption_dropout
         record = examples[index]
         if isinstance(record, dict) and "captions" in record:
-            record = {
-                **record,
-                "caption": record["captions"][rng.integers(len(record["captions"]))],
-            }
+            captions = record["captions"]
+            weights = np.asarray(caption_weights[: len(captions)], np.float64)
+            if len(weights) < len(captions) or not weights.sum():
+                chosen = rng.integers(len(captions))
+            else:
+                chosen = rng.choice(len(captions), p=weights / weights.sum())
+            record = {**record, "caption": captions[chosen]}
         return prepare(record, drop_caption)
 
     rows = grain.MapDataset.range(0, (len(examples) // global_batch) * local)

@@ -239,6 +239,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         config.seed,
         jax.process_index(),
         jax.process_count(),
+        **data.dataset_options(config.data),
     )
     # A short read-ahead: grain's default of 500 batches would hold hundreds of GiB of decoded
     # images at the paper's batch size, and its threads would take the cores from the compile.
