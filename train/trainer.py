@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import grain
@@ -281,24 +282,24 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         )
     batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), first)
     abstract_batch = jax.tree.map(_global_shape(config.batch_size), first)
-    compiled = (
-        jax.jit(
-            train_step,
-            in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-            out_shardings=(state_shardings, None),
-            donate_argnums=0,
-        )
-        .lower(abstract_with_layout, frozen, abstract_batch)
-        .compile()
-    )
+    lowered = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    ).lower(abstract_with_layout, frozen, abstract_batch)
     # Model FLOPs of a step (without the recomputation of remat) and the devices' peak: MFU.
+    # Traced on a thread while XLA compiles (which leaves Python free): the trace is Python's.
     modelled_step = make_train_step(models._replace(unet=unet), optimizer, acp, step_config)
-    throughput = _Throughput(
-        config.batch_size,
-        model_flops(modelled_step, abstract_state, frozen, abstract_batch),
-        jax.device_count(),
-        peak_flops_per_second(jax.devices()[0], config.dtype),
-    )
+    with ThreadPoolExecutor(1) as pool:
+        step_flops = pool.submit(model_flops, modelled_step, abstract_state, frozen, abstract_batch)
+        compiled = lowered.compile()
+        throughput = _Throughput(
+            config.batch_size,
+            step_flops.result(),
+            jax.device_count(),
+            peak_flops_per_second(jax.devices()[0], config.dtype),
+        )
     sampler = _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
