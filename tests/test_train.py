@@ -179,12 +179,13 @@ def test_the_trainer_reads_precomputed_data(uninterrupted, precomputed, tmp_path
 def test_sigterm_then_rerun_in_a_bucket_gives_the_uninterrupted_run(uninterrupted, buckets):
     """The README's command with its data and work directory in an S3 bucket (moto's server): a
     SIGTERM once the trainer says it handles them (before its first step) stops the run at step
-    1 with a checkpoint there; the rerun continues it bit for bit and exports into the bucket,
-    which `convert export` reads back. Nothing is written to a local s3: folder."""
+    1 with a checkpoint there; the rerun continues it bit for bit, logging and exporting into
+    the bucket, and `convert export` reads it back. Nothing is written to a local s3: folder."""
     bucket = buckets("s3")
     upload(ROOT / "data" / "tiny", f"{bucket}/tiny")
     workdir = storage.path(f"{bucket}/run")
-    overrides = [f"--config.{k}={v}" for k, v in SHORT.items()]
+    # No samples (the two-process test writes them into a bucket): they cost a compilation.
+    overrides = [f"--config.{k}={v}" for k, v in {**SHORT, "sample_every": 1000}.items()]
     command = [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
                f"--workdir={workdir}", f"--config.data.path={bucket}/tiny/captions.jsonl",
                *overrides]  # fmt: skip
@@ -208,7 +209,6 @@ def test_sigterm_then_rerun_in_a_bucket_gives_the_uninterrupted_run(uninterrupte
     expected = read_tensors(uninterrupted / "ella.safetensors")
     for name, tensor in expected.items():
         np.testing.assert_allclose(final[name], tensor, rtol=1e-6, atol=1e-7, err_msg=name)
-    assert (workdir / "samples" / "step_0000012.png").exists()
     assert storage.glob(f"{workdir}/events.out.tfevents.*")
 
     from convert.__main__ import main
