@@ -226,14 +226,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         prepare = data.precomputed_examples(empty)
     else:
         prepare = data.online_examples(tokenize_one, config.data.resolution, skipped_images)
+    source = None
     if config.data.source == "webdataset" and jax.process_count() > 1:
         # Process 0 indexes the shards that have no cached index yet; the others then read the
         # cached indexes instead of each reading every shard's headers.
         if primary:
-            data.open_configured(config.data)
+            source = data.open_configured(config.data)
         _barrier("webdataset indexes")
     dataset = data.make_dataset(
-        data.open_configured(config.data),
+        source if source is not None else data.open_configured(config.data),
         prepare,
         config.batch_size,
         config.data.caption_dropout,
