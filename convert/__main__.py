@@ -1,4 +1,5 @@
-"""python -m convert: move ELLA checkpoints between the official PyTorch layout and JAX."""
+"""python -m convert: move ELLA and SUR-adapter checkpoints between the official PyTorch layouts
+and JAX."""
 
 import argparse
 import sys
@@ -10,6 +11,7 @@ from flax import traverse_util
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.storage import atomic_path
+from ella_jax.weights import sur
 from ella_jax.weights.ella import (
     abstract_params,
     check_config,
@@ -18,7 +20,7 @@ from ella_jax.weights.ella import (
     write_converted,
     write_official,
 )
-from ella_jax.weights.naming import check_tensors
+from ella_jax.weights.naming import check_tensors, params_from_torch
 from ella_jax.weights.tensors import CheckpointError, read_json
 
 DESCRIPTION = """\
@@ -32,6 +34,14 @@ Convert ELLA connector checkpoints between the official PyTorch layout and ella-
   export    a training run's checkpoint (WORKDIR from `python -m train.main`) -> the official
             layout, like the ella.safetensors the run writes at its end.
   info      print a checkpoint's config and parameter count and run one forward pass on it.
+
+SUR-adapter (its official state dict as .safetensors, with sur_config.json beside it: the
+official constructor's arguments depth, adapter_weight, sd_text_size):
+  sur-to-jax    official .safetensors -> a directory read by ella_jax.load_sur_adapter(DIR).
+  sur-to-torch  a converted directory -> the official .safetensors + sur_config.json (+ the
+                learned eta head's eta_head.safetensors), bit for bit what sur-to-jax read.
+  sur-from-pt   the official .pt state dict (torch.save) -> .safetensors + sur_config.json;
+                needs torch (pip install torch), used for reading the pickle only.
 
 Paths may be local, gs:// or s3:// URIs. Outputs are written whole or not at all. Errors print
 one line and exit with status 2.
@@ -70,6 +80,43 @@ def _export(args: argparse.Namespace) -> str:
     check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
     write_official(args.dst, params, args.dtype, overwrite=args.overwrite, config=config)
     return f"wrote {args.dst} ({args.weights} weights, {config})"
+
+
+def _sur_to_jax(args: argparse.Namespace) -> str:
+    config, params = sur.read_sur_adapter(args.src)
+    with atomic_path(args.dst, overwrite=args.overwrite) as staging:
+        sur.write_converted(staging, config, params)
+    return f"wrote {args.dst} ({config})"
+
+
+def _sur_to_torch(args: argparse.Namespace) -> str:
+    config, params = sur.read_sur_adapter(args.src)
+    sur.write_official(args.dst, params, config, overwrite=args.overwrite)
+    return f"wrote {args.dst} and {storage.path(args.dst).parent / sur.CONFIG_FILE} ({config})"
+
+
+def _sur_from_pt(args: argparse.Namespace) -> str:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{args.src}: reading a .pt file needs torch, which is not installed (pip install "
+            "torch; ella-jax itself never needs it)"
+        ) from None
+    try:
+        state = torch.load(args.src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file it cannot unpickle
+        raise CheckpointError(f"{args.src}: not a readable torch state dict ({e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(t) for t in state.values()):
+        raise CheckpointError(f"{args.src}: not a state dict (a dict of tensors)")
+    tensors = {name: t.detach().cpu().numpy() for name, t in state.items()}
+    config = {**sur.sizes_from_tensors(tensors, args.src), "adapter_weight": args.adapter_weight}
+    sur.check_config(config, args.src)
+    expected = sur.abstract_params(sur.model_for(config))
+    params = params_from_torch(tensors, expected, args.src)  # every official name, its shape
+    sur.write_official(args.dst, params, config, overwrite=args.overwrite)
+    return f"wrote {args.dst} and {storage.path(args.dst).parent / sur.CONFIG_FILE} ({config})"
 
 
 def _info(args: argparse.Namespace) -> str:
@@ -130,6 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     export.set_defaults(run=_export)
+
+    sur_to_jax = commands.add_parser(
+        "sur-to-jax", help="official SUR-adapter .safetensors -> ella-jax directory"
+    )
+    sur_to_jax.add_argument(
+        "src", help="official SUR-adapter .safetensors (sur_config.json beside)"
+    )
+    sur_to_jax.add_argument("dst", help="directory to create")
+    sur_to_jax.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    sur_to_jax.set_defaults(run=_sur_to_jax)
+
+    sur_to_torch = commands.add_parser(
+        "sur-to-torch", help="ella-jax SUR-adapter directory -> official .safetensors"
+    )
+    sur_to_torch.add_argument("src", help="directory written by sur-to-jax")
+    sur_to_torch.add_argument("dst", help=".safetensors file to create (sur_config.json beside)")
+    sur_to_torch.add_argument("--overwrite", action="store_true", help="replace what exists")
+    sur_to_torch.set_defaults(run=_sur_to_torch)
+
+    sur_from_pt = commands.add_parser(
+        "sur-from-pt", help="official SUR-adapter .pt state dict -> .safetensors (needs torch)"
+    )
+    sur_from_pt.add_argument("src", help="the .pt file the official training saved")
+    sur_from_pt.add_argument("dst", help=".safetensors file to create (sur_config.json beside)")
+    sur_from_pt.add_argument(
+        "--adapter-weight",
+        type=float,
+        default=0.1,
+        help="eta, which the official code keeps in the checkpoint's path, not in the file "
+        "(default 0.1, run.sh's)",
+    )
+    sur_from_pt.add_argument("--overwrite", action="store_true", help="replace what exists")
+    sur_from_pt.set_defaults(run=_sur_from_pt)
 
     info = commands.add_parser("info", help="describe a checkpoint and run it once")
     info.add_argument("path", help="official .safetensors file or converted directory")

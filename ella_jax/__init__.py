@@ -1,12 +1,21 @@
-"""ella-jax: ELLA, the LLM adapter for diffusion models, in JAX/Flax."""
+"""ella-jax: ELLA, the LLM adapter for diffusion models, in JAX/Flax (and SUR-adapter beside it)."""
 
 from typing import Any
 
 from ella_jax.models.ella import ELLA
+from ella_jax.models.sur_adapter import SURAdapter
 from ella_jax.weights.ella import load_ella
+from ella_jax.weights.sur import load_sur_adapter
 from ella_jax.weights.tensors import CheckpointError
 
-__all__ = ["ELLA", "CheckpointError", "ELLAPipeline", "load_ella"]
+__all__ = [
+    "ELLA",
+    "CheckpointError",
+    "ELLAPipeline",
+    "SURAdapter",
+    "load_ella",
+    "load_sur_adapter",
+]
 
 
 def __getattr__(name: str) -> Any:

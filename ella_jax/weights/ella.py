@@ -1,7 +1,7 @@
 """ELLA checkpoints: the official PyTorch layout and the converted JAX directory.
 
-A converted directory holds `config.json` (the official constructor's arguments, heads included)
-and `params.safetensors` (the Flax tree, paths joined by '/', in the source's dtypes).
+A converted directory (`ella_jax.weights.converted`) holds `config.json` (the official
+constructor's arguments, heads included) and `params.safetensors`.
 
 An official-layout file's tensors give every size but the number of attention heads. This
 project's exports carry the whole config in the file's safetensors metadata (`ella_config`;
@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import traverse_util
 from jax.typing import DTypeLike
 
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.storage import atomic_path
-from ella_jax.weights.naming import check_tensors, params_from_torch, params_to_torch
+from ella_jax.weights import converted
+from ella_jax.weights.naming import params_from_torch, params_to_torch
 from ella_jax.weights.tensors import (
     CheckpointError,
     read_json,
@@ -34,8 +34,6 @@ from ella_jax.weights.tensors import (
     write_safetensors,
 )
 
-CONFIG_FILE = "config.json"
-PARAMS_FILE = "params.safetensors"
 SIDECAR_FILE = "ella_config.json"  # beside a checkpoint (train.main writes it)
 METADATA_KEY = "ella_config"  # the same JSON in an exported file's safetensors metadata
 DEFAULT_HEADS = 8  # the released ella-sd1.5-tsc-t5xl's, stored in no file
@@ -189,24 +187,15 @@ def write_official_config(path: str | os.PathLike, config: dict[str, int]) -> No
 
 
 def write_converted(directory: str | os.PathLike, config: dict[str, int], params: Any) -> None:
-    """Writes a converted directory (into an existing empty or new folder)."""
-    directory = storage.path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    write_safetensors({k: np.asarray(v) for k, v in flat.items()}, directory / PARAMS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps({k: config[k] for k in CONFIG_KEYS}, indent=2))
+    """Writes a converted ELLA directory (into an existing empty or new folder)."""
+    converted.write_converted(directory, {k: config[k] for k in CONFIG_KEYS}, params)
 
 
 def read_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
     """(config, params) from a converted directory, checked against the model's tree."""
-    directory = storage.path(directory)
-    config = read_json(directory / CONFIG_FILE)
-    check_config(config, str(directory / CONFIG_FILE))
-    flat = read_safetensors(directory / PARAMS_FILE)
-    expected = traverse_util.flatten_dict(abstract_params(ELLA(**config)), sep="/")
-    shapes = {name: leaf.shape for name, leaf in expected.items()}
-    check_tensors(flat, shapes, str(directory / PARAMS_FILE))
-    return config, traverse_util.unflatten_dict(flat, sep="/")
+    return converted.read_converted(
+        directory, check_config, lambda config, _: abstract_params(ELLA(**config))
+    )
 
 
 def read_ella(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, dict]:
@@ -220,7 +209,7 @@ def read_ella(path: str | os.PathLike, heads: int | None = None) -> tuple[dict, 
         config, params = read_converted(path)
         if heads is not None and heads != config["heads"]:
             raise CheckpointError(
-                f"{path}: heads={heads} was asked for, but {path / CONFIG_FILE} says "
+                f"{path}: heads={heads} was asked for, but {path / converted.CONFIG_FILE} says "
                 f"heads={config['heads']}"
             )
         return config, params
