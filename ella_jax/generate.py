@@ -263,11 +263,19 @@ def _render_dpg_bench(
 def _check_models(args: argparse.Namespace) -> None:
     """Fails fast, before anything heavy loads, on missing model paths and on a size the VAE
     and UNet cannot take."""
-    for flag, path in (("--sd", args.sd), ("--t5", args.t5)):
-        if not storage.reachable(path).is_dir():
+    uses_ella = args.mode in ("ella", "ella+clip")
+    for flag, path, needed in (("--sd", args.sd, True), ("--t5", args.t5, uses_ella)):
+        if path is None and needed:
+            raise UsageError(f"--mode {args.mode} needs {flag}")
+        if path is not None and not storage.reachable(path).is_dir():
             raise UsageError(f"{flag} {path}: no such directory")
-    if not storage.reachable(args.ella).exists():
-        raise UsageError(f"--ella {args.ella}: no such file or directory")
+    for flag, path, needed in (("--ella", args.ella, uses_ella), ("--sur", args.sur, False)):
+        if path is None and needed:
+            raise UsageError(f"--mode {args.mode} needs {flag}")
+        if path is not None and not storage.reachable(path).exists():
+            raise UsageError(f"{flag} {path}: no such file or directory")
+    if args.mode == "sur" and args.sur is None:
+        raise UsageError("--mode sur needs --sur")
     vae = read_json(args.sd / "vae" / "config.json")
     unet = read_json(args.sd / "unet" / "config.json")
     try:
@@ -316,6 +324,8 @@ def _run(args: argparse.Namespace) -> str:
         ella_heads=args.ella_heads,
         dtype=args.dtype,
         scheduler=args.scheduler,
+        sur=args.sur,
+        sur_mode=args.sur_mode,
     )
     renderer = Renderer(pipe, args, upsample)
     if args.dpg_bench is not None:
@@ -340,16 +350,32 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--t5",
         type=storage.path,
-        required=True,
+        default=None,
         metavar="DIR",
-        help="Hugging Face T5 folder (flan-t5-xl)",
+        help="Hugging Face T5 folder (flan-t5-xl); needed by the ELLA modes",
     )
     models.add_argument(
         "--ella",
         type=storage.path,
-        required=True,
+        default=None,
         metavar="PATH",
-        help="official ELLA .safetensors (ella-sd1.5-tsc-t5xl) or a converted directory",
+        help="official ELLA .safetensors (ella-sd1.5-tsc-t5xl) or a converted directory; "
+        "needed by the ELLA modes",
+    )
+    models.add_argument(
+        "--sur",
+        type=storage.path,
+        default=None,
+        metavar="PATH",
+        help="SUR-adapter: official .safetensors (sur_config.json beside it) or a converted "
+        "directory; with it, --mode defaults to sur",
+    )
+    models.add_argument(
+        "--sur-mode",
+        choices=("official", "fixed"),
+        default="official",
+        help="SUR-adapter attention: official (over the [negative; positive] batch, as "
+        "released) or fixed (over each prompt's tokens) (default: official)",
     )
     models.add_argument(
         "--ella-heads",
@@ -454,10 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--mode",
-        choices=("ella", "ella+clip", "clip"),
-        default="ella",
-        help="UNet context: ELLA's tokens, ELLA's then CLIP's, or CLIP's alone (plain SD) "
-        "(default: ella)",
+        choices=("ella", "ella+clip", "clip", "sur"),
+        default=None,
+        help="UNet context: ELLA's tokens, ELLA's then CLIP's, CLIP's alone (plain SD), or "
+        "CLIP's through the SUR-adapter (default: sur with --sur and no --ella, else ella)",
     )
     sampling.add_argument(
         "--compare-sd",
@@ -472,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.mode is None:
+        args.mode = "sur" if args.sur is not None and args.ella is None else "ella"
     if args.compare_sd and args.dpg_bench is not None:
         parser.error("--compare-sd does not apply to --dpg-bench")
     if args.compare_sd and args.mode == "clip":

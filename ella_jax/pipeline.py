@@ -1,4 +1,5 @@
-"""`ELLAPipeline`: the official ELLA inference, from standard folders, around the jitted sampler."""
+"""`ELLAPipeline`: the official ELLA inference, from standard folders, around the jitted sampler
+(and plain SD, and SUR-adapter's: CLIP, the adapter, the UNet)."""
 
 import functools
 import os
@@ -11,18 +12,20 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from ella_jax import storage
-from ella_jax.sampling import TextConditioning, sample_latents
+from ella_jax.sampling import TextConditioning, adapt_clip_context, sample_latents
 from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
 from ella_jax.sharding import param_shardings, shard_batch
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import load_ella
+from ella_jax.weights.sur import load_sur_adapter
 from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import CheckpointError, read_config
 
 FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
-Mode = Literal["ella", "ella+clip", "clip"]
+Mode = Literal["ella", "ella+clip", "clip", "sur"]
+MODES = ("ella", "ella+clip", "clip", "sur")
 
 
 class ELLAPipeline:
@@ -46,55 +49,72 @@ class ELLAPipeline:
         if mesh is not None:
             params = jax.device_put(params, param_shardings(params, mesh))
         self.params = params
-        t5, clip, vae = modules["t5"], modules["clip"], modules["vae"]
+        t5, clip, vae = modules.get("t5"), modules["clip"], modules["vae"]
         self._t5 = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
         self._clip = jax.jit(lambda p, ids: clip.apply({"params": p}, ids)[0])
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
-        self._sample = jax.jit(
-            functools.partial(sample_latents, modules["unet"], modules["ella"]),
-            static_argnames="prediction_type",
-        )
+        unet, ella, adapter = modules["unet"], modules.get("ella"), modules.get("sur")
+
+        def sample(params, schedule, prediction_type, latents, cond, uncond, guidance_scale):
+            if "sur" in params:
+                cond, uncond = adapt_clip_context(adapter, params["sur"], cond, uncond)
+            return sample_latents(
+                unet, ella, params, schedule, prediction_type, latents, cond, uncond, guidance_scale
+            )
+
+        self._sample = jax.jit(sample, static_argnames="prediction_type")
 
     @classmethod
     def from_pretrained(
         cls,
         sd: str | os.PathLike,
-        t5: str | os.PathLike,
-        ella: str | os.PathLike,
+        t5: str | os.PathLike | None = None,
+        ella: str | os.PathLike | None = None,
         ella_heads: int | None = None,
         dtype: DTypeLike = "float32",
         t5_dtype: DTypeLike | None = None,
         scheduler: str | None = None,
         mesh: Mesh | None = None,
+        sur: str | os.PathLike | None = None,
+        sur_mode: Literal["official", "fixed"] = "official",
     ) -> "ELLAPipeline":
         """sd: a diffusers Stable Diffusion folder; t5: a Hugging Face T5 folder (flan-t5-xl);
         ella: an official ELLA .safetensors or a converted directory (`ella_heads` as in
-        `load_ella`). `dtype` is the UNet, VAE, CLIP and ELLA compute and parameter dtype;
-        `t5_dtype` defaults to float32 in a float32 pipeline and to float16 otherwise, the dtype
-        ELLA's features were trained on. `scheduler`: "dpm", "ddim" or "euler" overrides the
-        folder's scheduler class. `mesh`: shard the parameters and the batch over it."""
+        `load_ella`); ELLA needs the T5. sur: a SUR-adapter (`load_sur_adapter`, `sur_mode`
+        "official": its encoder attends over the batch, as released; "fixed": over tokens).
+        `dtype` is the UNet, VAE, CLIP, ELLA and SUR compute and parameter dtype; `t5_dtype`
+        defaults to float32 in a float32 pipeline and to float16 otherwise, the dtype ELLA's
+        features were trained on. `scheduler`: "dpm", "ddim" or "euler" overrides the folder's
+        scheduler class. `mesh`: shard the parameters and the batch over it."""
         sd = storage.reachable(sd)
         dtype = jnp.dtype(dtype)
         t5_dtype = jnp.dtype(t5_dtype or (jnp.float32 if dtype == jnp.float32 else jnp.float16))
         unet, unet_params = load_unet(sd / "unet", dtype)
         vae, vae_params = load_vae(sd / "vae", dtype)
         clip, clip_params = load_clip_text_encoder(sd / "text_encoder", dtype)
-        t5_model, t5_params = load_t5_encoder(t5, t5_dtype)
-        ella_model, ella_params = load_ella(ella, ella_heads, dtype=dtype, param_dtype=dtype)
-        if ella_model.width != unet.config.cross_attention_dim:
-            raise CheckpointError(
-                f"{ella}: ELLA width {ella_model.width} is not the UNet's cross_attention_dim "
-                f"{unet.config.cross_attention_dim} ({sd / 'unet'})"
-            )
+        modules = dict(unet=unet, vae=vae, clip=clip)
+        params = dict(unet=unet_params, vae=vae_params, clip=clip_params)
+        tokenizers = dict(clip=load_tokenizer(sd / "tokenizer"))
+        if ella is not None and t5 is None:
+            raise ValueError(f"{ella}: ELLA reads T5 features: give the T5 folder (t5=)")
+        if t5 is not None:
+            modules["t5"], params["t5"] = load_t5_encoder(t5, t5_dtype)
+            tokenizers["t5"] = load_tokenizer(t5)
+        adapters = [("ella", ella, load_ella, dict(heads=ella_heads))]
+        adapters.append(("sur", sur, load_sur_adapter, dict(mode=sur_mode)))
+        for name, path, load, options in adapters:
+            if path is None:
+                continue
+            modules[name], params[name] = load(path, **options, dtype=dtype, param_dtype=dtype)
+            if modules[name].width != unet.config.cross_attention_dim:
+                raise CheckpointError(
+                    f"{path}: {name} width {modules[name].width} is not the UNet's "
+                    f"cross_attention_dim {unet.config.cross_attention_dim} ({sd / 'unet'})"
+                )
         scheduler_config = read_config(
             sd / "scheduler" / "scheduler_config.json",
             functools.partial(SchedulerConfig.from_dict, kind=scheduler),
         )
-        modules = dict(unet=unet, vae=vae, clip=clip, t5=t5_model, ella=ella_model)
-        params = dict(
-            unet=unet_params, vae=vae_params, clip=clip_params, t5=t5_params, ella=ella_params
-        )
-        tokenizers = dict(t5=load_tokenizer(t5), clip=load_tokenizer(sd / "tokenizer"))
         return cls(modules, params, tokenizers, scheduler_config, mesh)
 
     def encode_prompt(
@@ -129,11 +149,14 @@ class ELLAPipeline:
     ) -> tuple[TextConditioning, TextConditioning]:
         """(cond, uncond) for `sample_latents`; prompts and negatives are encoded together, so
         they share one padded token length."""
-        if mode not in ("ella", "ella+clip", "clip"):
-            raise ValueError(f"mode={mode!r}: use 'ella', 'ella+clip' or 'clip'")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
+        needs = {"ella": "ella", "ella+clip": "ella", "sur": "sur"}.get(mode)
+        if needs is not None and needs not in self.modules:
+            raise ValueError(f"mode={mode!r}: the pipeline was built without {needs}=")
         batch = len(prompts)
         parts: dict[str, tuple] = {}
-        if mode != "clip":
+        if mode in ("ella", "ella+clip"):
             features, mask = self.encode_prompt(negative_prompts + prompts, token_length)
             parts.update(
                 t5_features=(features[:batch], features[batch:]),
@@ -184,7 +207,10 @@ class ELLAPipeline:
         latents = initial_latents(schedule, jnp.asarray(latents, jnp.float32))
         if self.mesh is not None:
             latents, cond, uncond = shard_batch(self.mesh, (latents, cond, uncond))
-        params = {"unet": self.params["unet"], "ella": self.params["ella"]}
+        params = {"unet": self.params["unet"]}
+        if mode in ("ella", "ella+clip", "sur"):
+            adapter = "sur" if mode == "sur" else "ella"
+            params[adapter] = self.params[adapter]
         latents = self._sample(
             params,
             schedule,

@@ -4,11 +4,13 @@ One batched UNet call per step does classifier-free guidance: the batch is [unco
 conditional], as diffusers orders it. The UNet's context is, per step:
 - ELLA: `ELLA(t5_features, t, token_mask)` (B, 64, 768), recomputed with that step's timestep;
 - ELLA + CLIP: ELLA's tokens then CLIP's (B, 64 + 77, 768), the order of the authors' ComfyUI node;
-- CLIP: CLIP's (B, 77, 768) alone, plain Stable Diffusion, for side-by-side comparisons.
+- CLIP: CLIP's (B, 77, 768) alone, plain Stable Diffusion, for side-by-side comparisons;
+- SUR-adapter: CLIP's, adapted once before the steps (`adapt_clip_context`).
 """
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +29,20 @@ class TextConditioning(NamedTuple):
     t5_features: jax.Array | None = None
     token_mask: jax.Array | None = None
     clip_context: jax.Array | None = None
+
+
+def adapt_clip_context(
+    adapter: nn.Module, adapter_params: dict, cond: TextConditioning, uncond: TextConditioning
+) -> tuple[TextConditioning, TextConditioning]:
+    """(cond, uncond) with CLIP's context replaced by the SUR-adapter's output, the adapter run
+    once on [uncond; cond] as the official pipeline runs it (the official adapter's batch-axis
+    attention then mixes them; the fixed one adapts each prompt alone). Jittable."""
+    count = uncond.clip_context.shape[0]
+    both = jnp.concatenate([uncond.clip_context, cond.clip_context], axis=0)
+    adapted = adapter.apply({"params": adapter_params}, both)[0]
+    return cond._replace(clip_context=adapted[count:]), uncond._replace(
+        clip_context=adapted[:count]
+    )
 
 
 def _both(uncond: jax.Array | None, cond: jax.Array | None) -> jax.Array | None:

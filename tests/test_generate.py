@@ -201,3 +201,19 @@ def test_every_sampling_flag_reaches_the_pipeline(tmp_path, monkeypatch):
         "mode": "ella+clip", "negative_prompt": "blurry", "token_length": "flexible"}  # fmt: skip
     metadata = json.loads(Image.open(tmp_path / NAMES[0]).text["ella-jax"])
     assert {key: metadata[key] for key in flags} == flags
+
+
+def test_sur_adapter_renders_without_t5_or_ella(batched, tmp_path, capsys):
+    """--sur alone: mode sur (CLIP through the adapter), no T5 needed; its images are not the
+    ELLA ones; an ELLA mode without --t5 is one error line."""
+    sur = str(REFERENCE / "sur" / "sur_adapter.safetensors")
+    models = ["--sd", str(REFERENCE / "sd"), "--size", "16", "--steps", "2"]
+    argv = [*models, "--sur", sur, "--sur-mode", "fixed", *prompt_args(), "--seed", "7"]
+    assert main([*argv, "--batch-size", "3", "--out", str(tmp_path / "sur")]) == 0
+    for name in NAMES:
+        assert pixels(tmp_path / "sur" / name).shape == (16, 16, 3)
+    assert np.any(pixels(tmp_path / "sur" / NAMES[0]) != pixels(batched / NAMES[0]))
+    capsys.readouterr()
+    assert main([*models, "--mode", "ella", "--prompt", "a", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "needs --t5" in err

@@ -38,7 +38,8 @@ EMPTY_CAPTION_FILE = "empty_caption.npz"  # in a precomputed folder: T5 features
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Records {"image": absolute path or URI, "caption"} of a JSONL manifest."""
+    """Records {"image": absolute path or URI, "caption"} of a JSONL manifest (and "complex":
+    the complex caption of a SUR-adapter example, where the line has one)."""
     path = storage.path(path)
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -46,9 +47,10 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
             continue
         try:
             entry = json.loads(line)
-            records.append(
-                {"image": str(path.parent / entry["image"]), "caption": entry["caption"]}
-            )
+            record = {"image": str(path.parent / entry["image"]), "caption": entry["caption"]}
+            if "complex" in entry:
+                record["complex"] = str(entry["complex"])
+            records.append(record)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"{path}:{number}: not a {{'image', 'caption'}} JSON object ({e})"
@@ -73,8 +75,8 @@ def read_folder(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def write_array_record(records: list[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Writes records {"image": path or encoded bytes, "caption"} as one ArrayRecord shard,
-    whole or not at all (an existing `path` is replaced)."""
+    """Writes records {"image": path or encoded bytes, "caption"} (and "complex", where a record
+    has it) as one ArrayRecord shard, whole or not at all (an existing `path` is replaced)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     with atomic_path(path, overwrite=True) as staging:
@@ -82,7 +84,8 @@ def write_array_record(records: list[dict[str, Any]], path: str | os.PathLike) -
         for record in records:
             image = record["image"]
             data = image if isinstance(image, bytes) else storage.path(image).read_bytes()
-            writer.write(msgpack.packb({"image": data, "caption": record["caption"]}))
+            fields = {k: record[k] for k in ("caption", "complex") if k in record}
+            writer.write(msgpack.packb({"image": data, **fields}))
         writer.close()
 
 

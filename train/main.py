@@ -1,6 +1,7 @@
 """python -m train.main --config configs/X.py --workdir DIR [--config.key=value ...]
 
-Trains the ELLA connector on a frozen text encoder and UNet. The config is a Python file whose
+Trains the ELLA connector (or a SUR-adapter: config.method = "sur") on a frozen text encoder
+and UNet. The config is a Python file whose
 get_config() returns an ml_collections ConfigDict (see configs/); any value can be overridden on
 the command line, and an unknown key is an error. Rerunning the same command resumes from the
 newest checkpoint in DIR/checkpoints; SIGTERM or SIGINT saves a checkpoint and exits 0.

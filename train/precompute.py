@@ -2,11 +2,15 @@
 
 Runs the frozen VAE encoder and T5 once over a config's data and writes what the train step would
 compute from them: ArrayRecord shards of {"latent_mean", "latent_logvar", "t5_features",
-"token_mask", "caption"} per image, and the empty caption's features (for caption dropout). Train
-from them with `--config.data.source=precomputed --config.data.path=DIR`: the step then runs only
-ELLA and the UNet, with the same numbers as the online path. Unreadable images are left out and
-counted. DIR is written whole or not at all (staged locally, then uploaded when it is a gs:// or
-s3:// URI; training reads ArrayRecord shards from local disk).
+"token_mask", "caption"} (and "complex", a SUR-adapter record's complex caption) per image, and
+the empty caption's features (for caption dropout). Train from them with
+`--config.data.source=precomputed --config.data.path=DIR`: the step then runs only ELLA and the
+UNet, with the same numbers as the online path. For a SUR-adapter config (config.method="sur")
+it also writes `llm_vectors.safetensors`: one vector per caption (the empty one included), the
+frozen LLM's (config.t5's) last hidden state averaged over the caption's real tokens.
+Unreadable images are left out and counted. DIR is written whole or not at all (staged locally,
+then uploaded when it is a gs:// or s3:// URI; training reads ArrayRecord shards from local
+disk).
 """
 
 import json
@@ -25,8 +29,10 @@ from ella_jax.storage import atomic_path
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.diffusers import load_vae
 from ella_jax.weights.t5 import load_t5_encoder
+from ella_jax.weights.tensors import write_safetensors
 from train import data
 from train.cli import parse_flags, run_command
+from train.sur import LLM_VECTORS_FILE
 
 
 def precompute(
@@ -41,19 +47,21 @@ def precompute(
     encode_image = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))
     batch = config.batch_size
     written = skipped = 0
+    pooled: dict[str, np.ndarray] = {}  # caption -> mean of its real tokens' features
 
     with atomic_path(out, overwrite=overwrite) as staging:
         staging.mkdir()
         ids, mask = tokenize(tokenizer, [""], config.token_length)
-        np.savez(
-            staging / data.EMPTY_CAPTION_FILE,
-            t5_features=np.asarray(encode_text(ids, mask))[0],
-            token_mask=mask[0],
-        )
+        empty = np.asarray(encode_text(ids, mask))[0]
+        np.savez(staging / data.EMPTY_CAPTION_FILE, t5_features=empty, token_mask=mask[0])
+        pooled[""] = _mean_over_tokens(empty, mask[0])
         writer = None
         for start in tqdm(range(0, len(records), batch), desc="precompute", unit="batch"):
             indices = range(start, min(start + batch, len(records)))
-            decoded = [data.decode(records[i], config.data.resolution) for i in indices]
+            decoded = [
+                {**data.decode(records[i], config.data.resolution), **_complex(records[i])}
+                for i in indices
+            ]
             skipped += sum(not d["valid"] for d in decoded)
             decoded = [d for d in decoded if d["valid"]]
             if not decoded:
@@ -78,7 +86,9 @@ def precompute(
                     t5_features=features[i],
                     token_mask=mask[i],
                     caption=padded[i]["caption"],
+                    **_complex(padded[i]),
                 )
+                pooled.setdefault(padded[i]["caption"], _mean_over_tokens(features[i], mask[i]))
                 writer.write(msgpack.packb(data.pack_arrays(fields)))
                 written += 1
         if writer is not None:
@@ -93,8 +103,23 @@ def precompute(
             sd=str(config.sd),
             t5_dtype=str(config.t5_dtype),
         )
+        if config.get("method", "ella") == "sur":
+            write_safetensors(pooled, staging / LLM_VECTORS_FILE)
         (staging / "precompute.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _complex(record) -> dict:
+    """{"complex": caption} of a record that has one (SUR-adapter's), else {}."""
+    if isinstance(record, bytes):
+        record = msgpack.unpackb(record)
+    return {"complex": record["complex"]} if "complex" in record else {}
+
+
+def _mean_over_tokens(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(T, D) features, (T,) mask -> (D,) float32, the mean over the real tokens."""
+    weights = mask.astype(np.float32)[:, None]
+    return (features.astype(np.float32) * weights).sum(0) / max(weights.sum(), 1.0)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The train step: a pure function of (trained state, frozen params, batch).
 
-Frozen T5 and VAE give text features and latents; noise and a uniform timestep give the noisy
-latents; ELLA(features, t) is the frozen UNet's context; the loss is the MSE to the noise (or to
-v), over valid images only. Gradients reach the ELLA params alone.
+The frozen VAE gives latents; noise and a uniform timestep give the noisy latents; a method's
+`Conditioner` gives the frozen UNet's context from the batch's text and the trained params
+(ELLA: ELLA(T5 features, t); SUR-adapter: the adapter on CLIP's output, `train.sur`) and any
+loss of its own; the loss is the MSE to the noise (or to v) over valid images, plus the
+method's. Gradients reach the trained params alone.
 """
 
 from collections.abc import Callable
@@ -33,6 +35,35 @@ class Models(NamedTuple):
     vae: nn.Module
     unet: nn.Module
     ella: nn.Module
+
+
+class Conditioner(NamedTuple):
+    """How a method conditions the UNet. encode(frozen, batch) -> text: the frozen text models'
+    outputs (no gradient); condition(params, frozen, text, timesteps, rng) -> (context
+    (B, N, C), extra loss (a float32 scalar added to the MSE), extra metrics {name: scalar})."""
+
+    encode: Callable[[dict, dict], Any]
+    condition: Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+def ella_conditioner(models: "Models", mask_padding: bool) -> Conditioner:
+    """ELLA's: T5 features (precomputed, or the frozen T5 on the batch's tokens) and
+    ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`)."""
+
+    def encode(frozen: dict, batch: dict) -> tuple[jax.Array, jax.Array | None]:
+        if "t5_features" in batch:
+            features = batch["t5_features"]
+        else:
+            t5_params = {"params": frozen["t5"]}
+            features = models.t5.apply(t5_params, batch["input_ids"], batch["token_mask"])
+        return features, batch["token_mask"] if mask_padding else None
+
+    def condition(params, frozen, text, timesteps, rng):
+        features, token_mask = text
+        context = models.ella.apply({"params": params}, features, timesteps, token_mask)
+        return context, jnp.zeros((), jnp.float32), {}
+
+    return Conditioner(encode, condition)
 
 
 class StepConfig(NamedTuple):
@@ -66,6 +97,8 @@ def make_denoising_loss(
     `timesteps`. t5_features (B, T, D), token_mask (B, T) bool or None (every token attended),
     latents and noise (B, h, w, c) scaled as the UNet takes them, timesteps (B,) int."""
 
+    mse = make_denoising_mse(models.unet, alphas_cumprod, prediction_type)
+
     def per_example_loss(
         ella_params: Any,
         unet_params: Any,
@@ -75,16 +108,29 @@ def make_denoising_loss(
         noise: jax.Array,
         timesteps: jax.Array,
     ) -> jax.Array:
+        context = models.ella.apply({"params": ella_params}, t5_features, timesteps, token_mask)
+        return mse(unet_params, context, latents, noise, timesteps)
+
+    return per_example_loss
+
+
+def make_denoising_mse(
+    unet: nn.Module, alphas_cumprod: jax.Array, prediction_type: str
+) -> Callable[..., jax.Array]:
+    """mse(unet_params, context, latents, noise, timesteps) -> (B,) float32: the MSE of the
+    frozen UNet's prediction on `latents` noised to `timesteps`, given `context`, to the noise
+    (or to v). latents and noise (B, h, w, c) scaled as the UNet takes them."""
+
+    def mse(unet_params, context, latents, noise, timesteps):
         noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
         if prediction_type == "v_prediction":
             target = velocity(alphas_cumprod, latents, noise, timesteps)
         else:
             target = noise
-        context = models.ella.apply({"params": ella_params}, t5_features, timesteps, token_mask)
-        prediction = models.unet.apply({"params": unet_params}, noisy, timesteps, context)
+        prediction = unet.apply({"params": unet_params}, noisy, timesteps, context)
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
 
-    return per_example_loss
+    return mse
 
 
 def loss_weights(
@@ -110,24 +156,24 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     alphas_cumprod: jax.Array,
     config: StepConfig,
+    conditioner: Conditioner | None = None,
 ) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
-    """train_step(state, frozen {"t5", "vae", "unet"}, batch) -> (state, metrics). batch:
-    "valid" (B,), "token_mask" (B, T), and either "image" (B, R, R, 3) in [-1, 1] and
-    "input_ids" (B, T) (the frozen VAE and T5 run here) or their precomputed outputs
-    "latent_mean", "latent_logvar" (B, h, w, c) and "t5_features" (B, T, D). metrics: "loss",
-    "grad_norm", "skipped" (invalid images), "finite" (False: the loss, the gradient or the
-    update was not finite, and the state was left as it was)."""
-    per_example_loss = make_denoising_loss(models, alphas_cumprod, config.prediction_type)
+    """train_step(state, frozen {"vae", "unet", + the method's}, batch) -> (state, metrics).
+    batch: "valid" (B,), either "image" (B, R, R, 3) in [-1, 1] (the frozen VAE runs here) or
+    its precomputed "latent_mean", "latent_logvar" (B, h, w, c), and the text the conditioner
+    reads (default ELLA's: "token_mask" (B, T) and "input_ids" (B, T) or "t5_features"
+    (B, T, D)). metrics: "loss", "grad_norm", "skipped" (invalid images), "finite" (False: the
+    loss, the gradient or the update was not finite, and the state was left as it was), and
+    the conditioner's."""
+    conditioner = conditioner or ella_conditioner(models, config.mask_padding)
+    mse = make_denoising_mse(models.unet, alphas_cumprod, config.prediction_type)
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         rng, latent_rng, noise_rng, time_rng = jax.random.split(
             jax.random.wrap_key_data(state.rng), 4
         )
-        if "t5_features" in batch:
-            features = batch["t5_features"]
-        else:
-            t5_params = {"params": frozen["t5"]}
-            features = models.t5.apply(t5_params, batch["input_ids"], batch["token_mask"])
+        condition_rng = jax.random.fold_in(time_rng, 1)  # ELLA's draws stay what they were
+        text = jax.lax.stop_gradient(conditioner.encode(frozen, batch))
         if "latent_mean" in batch:
             mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         else:
@@ -143,16 +189,16 @@ def make_train_step(
         weight = loss_weights(
             alphas_cumprod, timesteps, valid, config.min_snr_gamma, config.prediction_type
         )
-        ella_mask = batch["token_mask"] if config.mask_padding else None
-        features = jax.lax.stop_gradient(features)
 
-        def loss_fn(params: Any) -> jax.Array:
-            per_example = per_example_loss(
-                params, frozen["unet"], features, ella_mask, latents, noise, timesteps
+        def loss_fn(params: Any) -> tuple[jax.Array, dict]:
+            context, extra_loss, extra_metrics = conditioner.condition(
+                params, frozen, text, timesteps, condition_rng
             )
-            return jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(valid), 1.0)
+            per_example = mse(frozen["unet"], context, latents, noise, timesteps)
+            loss = jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(valid), 1.0)
+            return loss + extra_loss, extra_metrics
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        (loss, extra_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree.map(
@@ -171,6 +217,7 @@ def make_train_step(
             jax.random.key_data(rng),
         )
         metrics = {
+            **extra_metrics,
             "loss": loss,
             "grad_norm": grad_norm,
             "skipped": batch_size - jnp.sum(valid),
@@ -188,16 +235,32 @@ def make_optimizer(
     schedule: str,
     weight_decay: float,
     grad_clip: float,
+    accumulation: int = 1,
+    trainable: Callable[[Any], Any] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warmup then a constant or cosine learning rate, after global-norm
-    gradient clipping (0: none). Returns (optimizer, learning-rate schedule)."""
+    gradient clipping (0: none). `accumulation` > 1: the gradients of that many steps are
+    averaged into one update (the steps between leave the params as they are); the schedule
+    counts updates. `trainable(params)` -> a tree of bools: the others are never updated (nor
+    decayed). Returns (optimizer, learning-rate schedule of the step)."""
     if schedule == "constant":
         after = optax.constant_schedule(learning_rate)
     elif schedule == "cosine":
-        after = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
+        updates = max(total_steps // accumulation - warmup_steps, 1)
+        after = optax.cosine_decay_schedule(learning_rate, updates)
     else:
         raise ValueError(f"lr_schedule={schedule!r}: use 'constant' or 'cosine'")
     warmup = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
     lr = optax.join_schedules([warmup, after], [warmup_steps]) if warmup_steps else after
     clip = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    return optax.chain(*clip, optax.adamw(lr, weight_decay=weight_decay)), lr
+    optimizer = optax.chain(*clip, optax.adamw(lr, weight_decay=weight_decay))
+    if trainable is not None:
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda t: "trained" if t else "frozen", trainable(params)
+        )
+        optimizer = optax.multi_transform(
+            {"trained": optimizer, "frozen": optax.set_to_zero()}, labels
+        )
+    if accumulation > 1:
+        optimizer = optax.MultiSteps(optimizer, accumulation)
+    return optimizer, lambda step: lr(step // accumulation)

@@ -21,48 +21,40 @@ from tqdm import tqdm
 from ella_jax import storage
 from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
 from ella_jax.images import grid, save_png
-from ella_jax.models.ella import ELLA
-from ella_jax.sampling import TextConditioning, sample_latents
+from ella_jax.sampling import sample_latents
 from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents, make_schedule
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
-from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.diffusers import load_unet, load_vae
-from ella_jax.weights.ella import (
-    CONFIG_KEYS,
-    load_ella,
-    read_ella,
-    write_official,
-    write_official_config,
-)
-from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from train import checkpoint, data
+from train.ella import ELLARun
+from train.errors import ConfigError, DataError, DivergedError
 from train.metrics import MetricsWriter
 from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
+from train.sur import SURRun
+
+__all__ = ["ConfigError", "DataError", "DivergedError", "check_config", "train"]
 
 RUN_CONFIG_FILE = "config.json"  # the run's config, beside its checkpoints and export
 REMAT = ("none", "blocks")  # config.remat: "blocks" recomputes each UNet block in the backward
+METHODS = {"ella": ELLARun, "sur": SURRun}  # config.method: what trains on the frozen UNet
 
 
-class ConfigError(ValueError):
-    """A training config that cannot run; raised before any compute."""
-
-
-class DivergedError(ValueError):
-    """A step whose loss, gradient or update was not finite; the run stopped before it."""
-
-
-class DataError(ValueError):
-    """Data the run cannot train on: too many unreadable images."""
+def method_of(config: ml_collections.ConfigDict) -> ELLARun | SURRun:
+    """The run's method (config.method, "ella" when the config has none)."""
+    name = config.get("method", "ella")
+    if name not in METHODS:
+        raise ConfigError(f"config.method={name!r}: use one of {', '.join(METHODS)}")
+    return METHODS[name](config)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key: missing folders, an ELLA that does not fit the UNet or the
-    T5, an `ella_init` of another shape, a mesh that does not fit the devices, batch sizes the
-    mesh cannot split, precomputed features made otherwise."""
-    for key in ("sd", "t5"):
-        if not config[key] or not storage.reachable(config[key]).is_dir():
-            raise ConfigError(f"config.{key}={config[key]!r} is not a model folder")
+    """Fails fast, naming the key: missing folders, a mesh that does not fit the devices, batch
+    sizes the mesh cannot split, precomputed data made otherwise, and the method's own checks
+    (an ELLA that does not fit the UNet or the T5, ...)."""
+    method = method_of(config)
+    if not config.sd or not storage.reachable(config.sd).is_dir():
+        raise ConfigError(f"config.sd={config.sd!r} is not a model folder")
     for sub in ("unet", "vae", "scheduler"):
         if not (storage.path(config.sd) / sub).is_dir():
             raise ConfigError(f"config.sd={config.sd!r} has no {sub}/ folder")
@@ -70,15 +62,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     cross_attention_dim = read_json(storage.path(config.sd) / "unet" / "config.json").get(
         "cross_attention_dim"
     )
-    if config.ella.width != cross_attention_dim:
-        raise ConfigError(
-            f"config.ella.width={config.ella.width} is not the UNet's cross_attention_dim "
-            f"{cross_attention_dim} ({config.sd}/unet/config.json)"
-        )
-    if config.ella.width % config.ella.heads:
-        raise ConfigError(
-            f"config.ella.heads={config.ella.heads} does not divide width={config.ella.width}"
-        )
     try:
         mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     except ValueError as e:
@@ -90,66 +73,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("total_steps", "checkpoint_every", "log_every", "sample_every"):
         if config[key] <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be positive")
+    if config.get("gradient_accumulation", 1) < 1:
+        raise ConfigError(
+            f"config.gradient_accumulation={config.gradient_accumulation} must be at least 1"
+        )
     if not 0 < config.data.max_skipped_fraction <= 1:
         raise ConfigError(
             f"config.data.max_skipped_fraction={config.data.max_skipped_fraction} must be in (0, 1]"
         )
     if config.remat not in REMAT:
         raise ConfigError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT)}")
-    d_model = read_json(storage.path(config.t5) / "config.json").get("d_model")
-    if config.ella_init:
-        _check_ella_init(config, {**config.ella, "input_dim": d_model})
     if config.data.source == "precomputed":
-        _check_precomputed(config, d_model)
-
-
-def _check_ella_init(config: ml_collections.ConfigDict, wanted: dict) -> None:
-    """`config.ella_init` is an ELLA of the run's shape (its input_dim: the T5's d_model)."""
-    try:
-        found, _ = read_ella(config.ella_init, config.ella.heads)
-    except CheckpointError as e:
-        raise ConfigError(f"config.ella_init={config.ella_init!r}: {e}") from None
-    for key, value in wanted.items():
-        if found[key] != value:
-            source = "the T5's d_model" if key == "input_dim" else f"config.ella.{key}"
+        summary_path = storage.path(config.data.path) / "precompute.json"
+        try:
+            made = read_json(summary_path)
+        except CheckpointError as e:
+            message = f"config.data.path={config.data.path!r}: {e} (train.precompute writes it)"
+            raise ConfigError(message) from None
+        if made.get("resolution", config.data.resolution) != config.data.resolution:
             raise ConfigError(
-                f"config.ella_init={config.ella_init!r} has {key}={found[key]}, but the run "
-                f"needs {key}={value} ({source})"
+                f"config.data.resolution={config.data.resolution!r}, but {summary_path} was "
+                f"made with resolution={made['resolution']!r}: rerun train.precompute with "
+                "this config"
             )
-
-
-def _check_precomputed(config: ml_collections.ConfigDict, d_model: int) -> None:
-    """The features in a `train.precompute` folder were made with this config's image size,
-    token length, T5 dtype and a T5 of the config's width (the step would train on them as
-    they are)."""
-    summary_path = storage.path(config.data.path) / "precompute.json"
-    try:
-        made = read_json(summary_path)
-    except CheckpointError as e:
-        message = f"config.data.path={config.data.path!r}: {e} (train.precompute writes it)"
-        raise ConfigError(message) from None
-    wanted = {
-        "data.resolution": config.data.resolution,
-        "token_length": config.token_length,
-        "t5_dtype": str(config.t5_dtype),
-    }
-    for key, value in wanted.items():
-        field = key.rsplit(".", 1)[-1]
-        if field in made and made[field] != value:
-            raise ConfigError(
-                f"config.{key}={value!r}, but {summary_path} was made with {field}="
-                f"{made[field]!r}: rerun train.precompute with this config"
-            )
-    empty_path = storage.path(config.data.path) / data.EMPTY_CAPTION_FILE
-    try:
-        width = data.read_empty_caption(config.data.path)["t5_features"].shape[-1]
-    except (OSError, KeyError, ValueError) as e:
-        raise ConfigError(f"{empty_path}: not readable ({e}); rerun train.precompute") from None
-    if width != d_model:
-        raise ConfigError(
-            f"{config.data.path} holds T5 features of width {width}, but config.t5="
-            f"{config.t5!r} has d_model={d_model}: rerun train.precompute with this config"
-        )
+    method.check(cross_attention_dim)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
@@ -175,20 +122,17 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     primary = jax.process_index() == 0  # writes logs, samples and the export
 
     # ------------------------------------------------------------------------ Frozen models
+    method = method_of(config)
     sd = storage.path(config.sd)
-    t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
     vae, vae_params = load_vae(sd / "vae", config.dtype)
     unet, unet_params = load_unet(sd / "unet", config.dtype)
-    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
+    frozen = {**method.load_frozen(workdir), "vae": vae_params, "unet": unet_params}
     frozen_shardings = param_shardings(frozen, mesh)
     # Placed from host values, which works for any number of processes.
     frozen = jax.device_put(jax.device_get(frozen), frozen_shardings)
     scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
 
-    # ------------------------------------------------ ELLA and optimizer: sharded initial state
-    ella = ELLA(
-        **config.ella, input_dim=t5.config.d_model, dtype=config.dtype, param_dtype=jnp.float32
-    )
+    # --------------------------------------- Trained model and optimizer: sharded initial state
     optimizer, learning_rate = make_optimizer(
         config.learning_rate,
         config.warmup_steps,
@@ -196,36 +140,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         config.lr_schedule,
         config.weight_decay,
         config.grad_clip,
+        config.get("gradient_accumulation", 1),
+        getattr(method, "trainable", None),
     )
 
     def initial_state():
-        if config.ella_init:
-            _, params = load_ella(config.ella_init, config.ella.heads, param_dtype=jnp.float32)
-        else:
-            features = jnp.zeros((1, 1, ella.input_dim), jnp.float32)
-            params = ella.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
-        return init_state(params, optimizer, config.seed)
+        return init_state(method.init_params(), optimizer, config.seed)
 
-    ella_config = {k: getattr(ella, k) for k in CONFIG_KEYS}
-    if primary:  # lets `python -m convert export` read any checkpoint, and readers see the run
-        write_official_config(workdir / "ella_config.json", ella_config)
+    if primary:  # lets `python -m convert` read any checkpoint, and readers see the run
+        method.write_run_files(workdir)
         (workdir / RUN_CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
     abstract_state = jax.eval_shape(initial_state)
     state_shardings = param_shardings(abstract_state, mesh)
 
     # -------------------------------------------------------------------------------- Data
-    tokenizer = load_tokenizer(config.t5)
     skipped_images = data.Skipped()  # this process's unreadable images
-
-    def tokenize_one(caption: str) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = tokenize(tokenizer, [caption], config.token_length)
-        return ids[0], mask[0]
-
-    if config.data.source == "precomputed":
-        empty = data.read_empty_caption(config.data.path)
-        prepare = data.precomputed_examples(empty)
-    else:
-        prepare = data.online_examples(tokenize_one, config.data.resolution, skipped_images)
+    prepare = method.prepare(skipped_images)
     source = None
     if config.data.source == "webdataset" and jax.process_count() > 1:
         # Process 0 indexes the shards that have no cached index yet; the others then read the
@@ -270,11 +200,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         shift_factor=vae.config.shift_factor or 0.0,
         ema_decay=config.ema_decay,
         min_snr_gamma=config.min_snr_gamma,
-        mask_padding=config.mask_padding,
+        mask_padding=config.get("mask_padding", False),
     )
     acp = jnp.asarray(alphas_cumprod(scheduler))
-    models = Models(t5, vae, unet.clone(remat=config.remat == "blocks"), ella)
-    train_step = make_train_step(models, optimizer, acp, step_config)
+    models = Models(getattr(method, "t5", None), vae, unet, method.model)
+    conditioner = method.conditioner(models)
+    remat = models._replace(unet=unet.clone(remat=config.remat == "blocks"))
+    train_step = make_train_step(remat, optimizer, acp, step_config, conditioner)
     first = next(iterator)
     if not _any_process(bool(np.any(first["valid"])), after=state):
         raise DataError(
@@ -291,7 +223,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     ).lower(abstract_with_layout, frozen, abstract_batch)
     # Model FLOPs of a step (without the recomputation of remat) and the devices' peak: MFU.
     # Traced on a thread while XLA compiles (which leaves Python free): the trace is Python's.
-    modelled_step = make_train_step(models._replace(unet=unet), optimizer, acp, step_config)
+    modelled_step = make_train_step(models, optimizer, acp, step_config, conditioner)
     with ThreadPoolExecutor(1) as pool:
         step_flops = pool.submit(model_flops, modelled_step, abstract_state, frozen, abstract_batch)
         compiled = lowered.compile()
@@ -301,7 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
             jax.device_count(),
             peak_flops_per_second(jax.devices()[0], config.dtype),
         )
-    sampler = _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler)
+    sampler = _make_sampler(config, method, frozen, unet, vae, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
     _barrier("first step")
@@ -364,10 +296,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         return
     ema_params = _to_host(state.ema_params)
     if primary:
-        write_official(
-            workdir / "ella.safetensors", ema_params, config.export_dtype, True, ella_config
-        )
-        print(f"wrote {workdir / 'ella.safetensors'} and {workdir / 'ella_config.json'}")
+        print(method.export(workdir, ema_params))
 
 
 def _global_shape(global_batch: int):
@@ -473,28 +402,22 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
             signal.signal(s, handler)
 
 
-def _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler):
-    """ELLA params -> host images (N, H, W, 3) in [0, 1] for config.sample_prompts (every
+def _make_sampler(config, method, frozen, unet, vae, scheduler):
+    """Trained params -> host images (N, H, W, 3) in [0, 1] for config.sample_prompts (every
     process must call it: the computation spans the mesh)."""
-    prompts = list(config.sample_prompts)
-    n = len(prompts)
-    ids, mask = tokenize(tokenizer, [""] * n + prompts, config.token_length)
-    ella_mask = mask if config.mask_padding else np.ones_like(mask)
     schedule = make_schedule(scheduler, config.sample_steps)
     latent = config.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (n, latent, latent, vae.config.latent_channels)
+    shape = (len(config.sample_prompts), latent, latent, vae.config.latent_channels)
     start = initial_latents(schedule, jax.random.normal(jax.random.key(config.seed), shape))
+    conditioning = method.sample_conditioning()
 
     @jax.jit
-    def sample(frozen, ella_params):
-        features = t5.apply({"params": frozen["t5"]}, ids, mask)
-        uncond = TextConditioning(features[:n], ella_mask[:n])
-        cond = TextConditioning(features[n:], ella_mask[n:])
-        params = {"unet": frozen["unet"], "ella": ella_params}
+    def sample(frozen, params):
+        cond, uncond, adapters = conditioning(frozen, params)
         latents = sample_latents(
             unet,
-            ella,
-            params,
+            method.model,
+            {"unet": frozen["unet"], **adapters},
             schedule,
             scheduler.prediction_type,
             start,
@@ -506,7 +429,7 @@ def _make_sampler(config, t5, frozen, tokenizer, unet, vae, ella, scheduler):
         images = vae.apply({"params": frozen["vae"]}, scaled, method="decode")
         return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1)
 
-    return lambda ella_params: _to_host(sample(frozen, ella_params))
+    return lambda params: _to_host(sample(frozen, params))
 
 
 def _to_host(tree):
