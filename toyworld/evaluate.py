@@ -40,12 +40,13 @@ def draw(
     guidance: float,
     seed: int,
     token_length: Literal["fixed", "flexible"],
+    batch: int = 64,
 ) -> np.ndarray:
-    """(N, 32, 32, 3) uint8 images for `captions`, in batches of 64 (one compiled shape)."""
+    """(N, 32, 32, 3) uint8 images for `captions`, in batches of `batch` (one compiled shape)."""
     images = []
-    for start in range(0, len(captions), 64):
-        part = captions[start : start + 64]
-        padded = part + [""] * (64 - len(part))
+    for start in range(0, len(captions), batch):
+        part = captions[start : start + batch]
+        padded = part + [""] * (batch - len(part))
         drawn = pipeline(
             padded,
             num_inference_steps=steps,
@@ -108,6 +109,23 @@ def evaluate(
         rows.extend(images[:grid_count])
         print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
 
+    settings = dict(
+        count=count, seed=seed, steps=steps, guidance=guidance, token_length=token_length
+    )
+    report(workdir / "eval", scores, captions, rows, grid_count, settings)
+    return scores
+
+
+def report(
+    out: epath.Path,
+    scores: dict[str, dict[str, float]],
+    captions: list[str],
+    rows: list[np.ndarray],
+    grid_count: int,
+    settings: dict,
+) -> None:
+    """Writes `out` (replaced whole): scores.json, scores.md (a row per way), captions.txt (the
+    first `grid_count` captions) and samples.png (`rows`: `grid_count` images per way)."""
     # Whether a caption states an attribute does not depend on the image.
     blank = [score(np.zeros((32, 32, 3), np.uint8), text) for text in captions]
     stated = {a: sum(r[a] is not None for r in blank) for a in ATTRIBUTES}
@@ -118,23 +136,19 @@ def evaluate(
     for way, accuracy in scores.items():
         cells = ("-" if np.isnan(accuracy[a]) else f"{accuracy[a]:.2f}" for a in ATTRIBUTES)
         table.append(f"| {way} | " + " | ".join(cells) + " |")
-    with atomic_path(workdir / "eval", overwrite=True) as out:
-        out.mkdir()
-        settings = dict(
-            count=count, seed=seed, steps=steps, guidance=guidance, token_length=token_length
-        )
+    with atomic_path(out, overwrite=True) as staging:
+        staging.mkdir()
         readable = {
             way: {a: None if np.isnan(v) else v for a, v in accuracy.items()}
             for way, accuracy in scores.items()
         }
         summary = {**settings, "captions_stating": stated, "scores": readable}
-        (out / "scores.json").write_text(json.dumps(summary, indent=2))
-        (out / "scores.md").write_text("\n".join(table) + "\n")
-        (out / "captions.txt").write_text("\n".join(captions[:grid_count]) + "\n")
+        (staging / "scores.json").write_text(json.dumps(summary, indent=2))
+        (staging / "scores.md").write_text("\n".join(table) + "\n")
+        (staging / "captions.txt").write_text("\n".join(captions[:grid_count]) + "\n")
         upscaled = np.repeat(np.repeat(np.stack(rows), 2, axis=1), 2, axis=2)
         framed = np.pad(upscaled, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=96)
-        save_png(grid(framed, columns=grid_count), out / "samples.png")
-    return scores
+        save_png(grid(framed, columns=grid_count), staging / "samples.png")
 
 
 def main() -> None:

@@ -8,7 +8,12 @@ the border and 1/16 clear of each other, so a small UNet can learn them at 32x32
 `toyworld.score` can read them back exactly. `parse_caption` turns any caption of the templates
 back into the `Spec` it states, which is what the scorer checks an image against.
 
+With `--paraphrase` each scene also gets a paraphrase in words the toy text encoders never saw
+("a pair of crimson boxes", "an azure disc east of a golden wedge"): the record's "caption" is
+the paraphrase (SUR-adapter's simple prompt) and its "complex" the template caption.
+
     python -m toyworld.scenes --out DIR --count N --seed S [--size 32] [--array-record]
+        [--paraphrase]
 """
 
 import argparse
@@ -18,6 +23,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -65,6 +71,40 @@ RELATION_WORDS = {
     "above": ("above", "over"),
     "below": ("below", "under"),
 }
+
+# Paraphrases: words of none of the templates above (SUR-adapter's "simple" prompts).
+PARAPHRASE_COLOURS = {
+    "red": ("crimson", "scarlet"),
+    "green": ("emerald", "lime"),
+    "blue": ("azure", "cobalt"),
+    "yellow": ("golden", "lemon"),
+    "magenta": ("fuchsia", "violet"),
+    "cyan": ("turquoise", "teal"),
+}
+PARAPHRASE_SHAPES = {  # (singular, plural)
+    "square": (("box", "boxes"), ("block", "blocks")),
+    "circle": (("disc", "discs"), ("dot", "dots")),
+    "triangle": (("wedge", "wedges"), ("pyramid", "pyramids")),
+}
+PARAPHRASE_COUNTS = {1: ("a single", "a lone"), 2: ("a pair of", "a couple of"), 3: ("a trio of",)}
+PARAPHRASE_PLACES = {
+    "top left": "northwest",
+    "top": "north",
+    "top right": "northeast",
+    "left": "west",
+    "center": "centre",
+    "right": "east",
+    "bottom left": "southwest",
+    "bottom": "south",
+    "bottom right": "southeast",
+}
+PARAPHRASE_RELATIONS = {
+    "left": ("west of",),
+    "right": ("east of",),
+    "above": ("north of", "atop"),
+    "below": ("south of", "beneath"),
+}
+PARAPHRASE_WRAPPERS = ("{}", "a picture of {}", "{} on a dark canvas")
 
 
 @dataclass(frozen=True)
@@ -262,6 +302,28 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return pick(WRAPPERS).format(text)
 
 
+def paraphrase(scene: Scene, rng: np.random.Generator) -> str:
+    """The scene's caption in the paraphrase words (none of them in a template caption)."""
+
+    def pick(options: tuple) -> Any:
+        return options[rng.integers(len(options))]
+
+    def thing(obj: Obj, count: int | None = None) -> str:
+        singular, plural = pick(PARAPHRASE_SHAPES[obj.shape])
+        colour = pick(PARAPHRASE_COLOURS[obj.colour])
+        if count is None:
+            return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {singular}"
+        return f"{pick(PARAPHRASE_COUNTS[count])} {colour} {plural if count > 1 else singular}"
+
+    head = scene.objects[0]
+    text = thing(head, len(scene.objects)) if scene.layout == "count" else thing(head)
+    if scene.layout == "position":
+        text += f" toward the {PARAPHRASE_PLACES[scene.cell]}"
+    elif scene.layout == "relation":
+        text += f" {pick(PARAPHRASE_RELATIONS[scene.relation])} {thing(scene.objects[1])}"
+    return pick(PARAPHRASE_WRAPPERS).format(text)
+
+
 def _alternatives(words: Iterable[str]) -> str:
     # Longest first, so that "top left" is tried before "top".
     return "|".join(sorted(map(re.escape, words), key=len, reverse=True))
@@ -316,6 +378,30 @@ def generate(seed: int, count: int, size: int = 32) -> list[tuple[np.ndarray, st
     return pairs
 
 
+def generate_paraphrased(
+    seed: int, count: int, size: int = 32
+) -> list[tuple[np.ndarray, str, str]]:
+    """`count` (image, template caption, paraphrase) triples from one generator seeded with
+    `seed`."""
+    rng = np.random.default_rng(seed)
+    triples = []
+    for _ in range(count):
+        scene = sample_scene(rng, size)
+        triples.append((render(scene, size), caption(scene, rng), paraphrase(scene, rng)))
+    return triples
+
+
+def _records(seed: int, count: int, size: int, paraphrased: bool) -> list[dict[str, Any]]:
+    """{"image" (uint8 array), "caption"} per scene; paraphrased: the paraphrase is the
+    "caption" and the template caption the "complex"."""
+    if not paraphrased:
+        return [{"image": image, "caption": text} for image, text in generate(seed, count, size)]
+    return [
+        {"image": image, "caption": simple, "complex": template}
+        for image, template, simple in generate_paraphrased(seed, count, size)
+    ]
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """An (H, W, 3) uint8 image encoded as PNG."""
     buffer = io.BytesIO()
@@ -323,29 +409,32 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_folder(path: str | Path, seed: int, count: int, size: int = 32) -> Path:
+def write_folder(
+    path: str | Path, seed: int, count: int, size: int = 32, paraphrased: bool = False
+) -> Path:
     """Writes `path`/images/00000.png ... and `path`/captions.jsonl (the manifest that
     `train.data.read_manifest` reads); returns the manifest's path."""
     path = Path(path)
     (path / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (image, text) in enumerate(generate(seed, count, size)):
+    for i, record in enumerate(_records(seed, count, size, paraphrased)):
         name = f"images/{i:05d}.png"
-        (path / name).write_bytes(png_bytes(image))
-        lines.append(json.dumps({"image": name, "caption": text}))
+        (path / name).write_bytes(png_bytes(record.pop("image")))
+        lines.append(json.dumps({"image": name, **record}))
     manifest = path / "captions.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
 
-def write_array_record(path: str | Path, seed: int, count: int, size: int = 32) -> None:
-    """Writes one ArrayRecord shard `path` of {"image": PNG bytes, "caption"} records."""
+def write_array_record(
+    path: str | Path, seed: int, count: int, size: int = 32, paraphrased: bool = False
+) -> None:
+    """Writes one ArrayRecord shard `path` of {"image": PNG bytes, "caption"} records (and
+    "complex", paraphrased)."""
     from train.data import write_array_record as write_records
 
-    records = [
-        {"image": png_bytes(image), "caption": text} for image, text in generate(seed, count, size)
-    ]
-    write_records(records, path)
+    records = _records(seed, count, size, paraphrased)
+    write_records([{**r, "image": png_bytes(r["image"])} for r in records], path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,13 +450,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--array-record", action="store_true", help="write one ArrayRecord shard instead"
     )
+    parser.add_argument(
+        "--paraphrase",
+        action="store_true",
+        help="captions are paraphrases in unseen words; the template caption goes in 'complex' "
+        "(SUR-adapter's simple and complex prompts)",
+    )
     args = parser.parse_args(argv)
     if args.array_record:
         args.out.mkdir(parents=True, exist_ok=True)
         target = args.out / "toyworld.array_record"
-        write_array_record(target, args.seed, args.count, args.size)
+        write_array_record(target, args.seed, args.count, args.size, args.paraphrase)
     else:
-        target = write_folder(args.out, args.seed, args.count, args.size)
+        target = write_folder(args.out, args.seed, args.count, args.size, args.paraphrase)
     print(f"wrote {args.count} images of {args.size}x{args.size} pixels: {target}")
 
 

@@ -1,10 +1,10 @@
 """python -m train.main --config configs/X.py --workdir DIR [--config.key=value ...]
 
 Trains the ELLA connector (or a SUR-adapter: config.method = "sur") on a frozen text encoder
-and UNet. The config is a Python file whose
-get_config() returns an ml_collections ConfigDict (see configs/); any value can be overridden on
-the command line, and an unknown key is an error. Rerunning the same command resumes from the
-newest checkpoint in DIR/checkpoints; SIGTERM or SIGINT saves a checkpoint and exits 0.
+and UNet. The config is a Python file whose get_config() returns an ml_collections ConfigDict
+(see configs/); any value can be overridden on the command line, and an unknown key is an error.
+Rerunning the same command resumes from the newest checkpoint in DIR/checkpoints; SIGTERM or
+SIGINT saves a checkpoint and exits 0.
 
 Several processes (hosts): pass --coordinator_address, --num_processes and --process_id to each,
 or nothing where JAX reads them from the cluster (TPU pods, SLURM, Open MPI); on one machine,
