@@ -6,7 +6,9 @@ never saw are the simple prompts, the template captions the complex ones.
     python -m train.precompute --config configs/sur_toy.py --out out/sur-toy-features \
         --config.data.source=array_record --config.data.path=out/sur-toy-data/toyworld.array_record
     python -m train.main --config configs/sur_toy.py --workdir out/sur-toy
-    python -m toyworld.evaluate_sur --sur out/sur-toy       # and the other rows: README
+    python -m toyworld.evaluate_sur --out out/sur-eval --sur "SUR=out/sur-toy"
+
+`bash scripts/run_sur_toy.sh` runs these and the README table's other rows.
 
 The frozen models are the shipped toy SD and, as the "LLM" whose pooled features SUR distils,
 the random toy T5 (`train.precompute` writes one vector per paraphrase). The defaults are the
@@ -48,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
             prefetch_batches=4,
         )
     )
-    c.token_length = 32  # the toy T5's tokens for the vectors (as configs/toy.py reads them)
+    c.token_length = 64  # the toy T5 spells unseen words by letters: paraphrases reach 57 tokens
 
     c.batch_size = 64
     c.gradient_accumulation = 1

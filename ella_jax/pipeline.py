@@ -55,9 +55,11 @@ class ELLAPipeline:
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
         unet, ella, adapter = modules["unet"], modules.get("ella"), modules.get("sur")
 
-        def sample(params, schedule, prediction_type, latents, cond, uncond, guidance_scale):
+        def sample(
+            params, schedule, prediction_type, latents, cond, uncond, guidance_scale, dropout_rng
+        ):
             if "sur" in params:
-                cond, uncond = adapt_clip_context(adapter, params["sur"], cond, uncond)
+                cond, uncond = adapt_clip_context(adapter, params["sur"], cond, uncond, dropout_rng)
             return sample_latents(
                 unet, ella, params, schedule, prediction_type, latents, cond, uncond, guidance_scale
             )
@@ -183,11 +185,13 @@ class ELLAPipeline:
         output_type: Literal["pil", "np", "latent"] = "pil",
         mode: Mode = "ella",
         clip_prompts: list[str] | None = None,
+        sur_dropout: bool = False,
     ):
         """Generates one image per prompt. `latents` (B, h, w, C) NHWC is the initial noise
         (default: normal noise from `seed`). output_type "np": (B, H, W, 3) floats in [0, 1];
         "latent": the final NHWC latents; "pil": a list of PIL images. `clip_prompts` gives CLIP
-        other prompts than T5 (ELLA+CLIP: tags for CLIP, the sentence for T5)."""
+        other prompts than T5 (ELLA+CLIP: tags for CLIP, the sentence for T5). `sur_dropout`: the
+        SUR-adapter's dropout on (drawn from `seed`), as the official demo leaves it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negatives = (
             [negative_prompt] * len(prompts)
@@ -219,6 +223,7 @@ class ELLAPipeline:
             cond,
             uncond,
             jnp.float32(guidance_scale),
+            jax.random.fold_in(jax.random.key(seed), 1) if sur_dropout else None,
         )
         if output_type == "latent":
             return latents

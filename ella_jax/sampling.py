@@ -32,14 +32,23 @@ class TextConditioning(NamedTuple):
 
 
 def adapt_clip_context(
-    adapter: nn.Module, adapter_params: dict, cond: TextConditioning, uncond: TextConditioning
+    adapter: nn.Module,
+    adapter_params: dict,
+    cond: TextConditioning,
+    uncond: TextConditioning,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[TextConditioning, TextConditioning]:
     """(cond, uncond) with CLIP's context replaced by the SUR-adapter's output, the adapter run
     once on [uncond; cond] as the official pipeline runs it (the official adapter's batch-axis
-    attention then mixes them; the fixed one adapts each prompt alone). Jittable."""
+    attention then mixes them; the fixed one adapts each prompt alone). With `dropout_rng` the
+    adapter's dropout is on, as the official demo leaves it. Jittable."""
     count = uncond.clip_context.shape[0]
     both = jnp.concatenate([uncond.clip_context, cond.clip_context], axis=0)
-    adapted = adapter.apply({"params": adapter_params}, both)[0]
+    if dropout_rng is None:
+        adapted = adapter.apply({"params": adapter_params}, both)[0]
+    else:
+        rngs = {"dropout": dropout_rng}
+        adapted = adapter.apply({"params": adapter_params}, both, False, rngs=rngs)[0]
     return cond._replace(clip_context=adapted[count:]), uncond._replace(
         clip_context=adapted[:count]
     )

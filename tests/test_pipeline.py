@@ -265,3 +265,13 @@ def test_official_sur_context_mixes_the_guidance_batch():
         expected = torch_sur_context(texts, batch_first=mode == "fixed").numpy()
         assert relative_error(found[mode], expected) < 1e-5
     assert relative_error(found["official"], found["fixed"]) > 1e-4
+    # Dropout, on only when asked for (the official demo leaves it on).
+    cond, uncond = adapt_clip_context(
+        model,
+        params,
+        TextConditioning(clip_context=clip[n:]),
+        TextConditioning(clip_context=clip[:n]),
+        jax.random.key(0),
+    )
+    dropped = np.concatenate([uncond.clip_context, cond.clip_context])
+    assert relative_error(dropped, found["fixed"]) > 1e-5

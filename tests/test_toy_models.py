@@ -175,3 +175,32 @@ def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
     assert sum(written["captions_stating"].values()) > 4
     assert (tmp_path / "eval" / "samples.png").is_file()
     assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 5
+
+
+def test_sur_evaluation_scores_paraphrases_against_their_templates(tmp_path, monkeypatch):
+    """`python -m toyworld.evaluate_sur` on an adapter as train.main exports it (at its
+    initialisation; the official batch-axis attention, so drawn one prompt at a time) beside
+    the toy SD's ceiling and floor rows."""
+    from ella_jax.models.sur_adapter import SURAdapter
+    from ella_jax.weights import sur
+    from toyworld.evaluate_sur import main
+
+    config = project_config("sur_toy")
+    config.sur.attend = "batch"
+    adapter = SURAdapter(width=128, attend="batch")
+    params = adapter.init(jax.random.key(0), jnp.zeros((1, 1, 128)))["params"]
+    sur_config = {"depth": 2, "adapter_weight": 0.1, "sd_text_size": 128}
+    sur.write_official(tmp_path / "sur" / "sur_adapter.safetensors", params, sur_config)
+    (tmp_path / "sur" / RUN_CONFIG_FILE).write_text(config.to_json())
+    argv = ["--models", str(MODELS), "--out", str(tmp_path / "eval"), "--count", "3",
+            "--steps", "2", "--grid", "3", "--sur", f"released={tmp_path / 'sur'}"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["toyworld.evaluate_sur", *argv])
+    main()
+    written = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert list(written["scores"]) == [
+        "toy SD, template captions (ceiling)",
+        "toy SD, paraphrases (floor)",
+        "released",
+    ]
+    assert len(written["shown_paraphrases"]) == 3
+    assert (tmp_path / "eval" / "samples.png").is_file()

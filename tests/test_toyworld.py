@@ -219,3 +219,30 @@ def test_command_line(tmp_path, capsys):
     assert (tmp_path / "toyworld.array_record").is_file()
     scenes.main(["--out", str(tmp_path), "--count", "3", "--seed", "0", "--size", "64"])
     assert len(data.read_manifest(tmp_path / "captions.jsonl")) == 3
+
+
+def test_paraphrases_use_no_word_of_the_templates(world):
+    """SUR-adapter's premise in miniature: a paraphrase states its scene (the template caption
+    beside it parses to the scene) in content words no template caption has."""
+    template_words = {w for _, text in generate(0, 2000) for w in text.split()}
+    function_words = {"a", "an", "of", "the", "on"}
+    triples = scenes.generate_paraphrased(5, 300)
+    for image, template, simple in triples:
+        assert score(image, template)["all"]
+        assert not (set(simple.split()) - function_words) & template_words, simple
+    assert len({simple for _, _, simple in triples}) > 200
+
+
+def test_paraphrased_records_carry_the_complex_caption(tmp_path):
+    import grain
+    import msgpack
+
+    manifest = scenes.write_folder(tmp_path / "f", seed=3, count=4, paraphrased=True)
+    triples = scenes.generate_paraphrased(3, 4)
+    for record, (_, template, simple) in zip(data.read_manifest(manifest), triples, strict=True):
+        assert (record["caption"], record["complex"]) == (simple, template)
+    scenes.main(["--out", str(tmp_path / "a"), "--count", "4", "--seed", "3", "--array-record",
+                 "--paraphrase"])  # fmt: skip
+    source = grain.sources.ArrayRecordDataSource([str(tmp_path / "a" / "toyworld.array_record")])
+    record = msgpack.unpackb(source[2])
+    assert (record["caption"], record["complex"]) == triples[2][2:0:-1]

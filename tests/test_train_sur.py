@@ -52,7 +52,7 @@ def sur_config(sur_data, **sur_options):
         )
     )
     config.data.update(dict(source="manifest", path=str(manifest), resolution=16))
-    config.sur.update(dict(llm_vectors=str(vectors), **sur_options))
+    config.sur.update({"llm_vectors": str(vectors), **sur_options})
     return config
 
 
@@ -158,3 +158,14 @@ def test_gradient_accumulation_updates_every_k_steps(sur_data, tmp_path):
     config.update(total_steps=4, checkpoint_every=4, sample_every=4)
     train(config, tmp_path / "w")
     assert np.any(trained(tmp_path / "w")["fc.weight"])
+
+
+def test_a_caption_without_an_llm_vector_is_named(sur_data, tmp_path):
+    vectors = sur_data[1]
+    some = dict(safetensors.numpy.load_file(vectors))
+    missing = sorted(some)[1]
+    del some[missing]
+    safetensors.numpy.save_file(some, tmp_path / "vectors.safetensors")
+    config = sur_config(sur_data, llm_vectors=str(tmp_path / "vectors.safetensors"))
+    with pytest.raises(ValueError, match=f"caption {missing!r} has no vector in .*vectors"):
+        train(config, tmp_path / "w")
