@@ -32,7 +32,8 @@ Convert ELLA connector checkpoints between the official PyTorch layout and ella-
   to-torch  a converted directory -> the official layout: the same tensor names, shapes and
             dtypes, so to-jax then to-torch gives back the original tensors bit for bit.
   export    a training run's checkpoint (WORKDIR from `python -m train.main`) -> the official
-            layout, like the ella.safetensors the run writes at its end.
+            layout, like the ella.safetensors (or, for a SUR-adapter run, the
+            sur_adapter.safetensors + sur_config.json) the run writes at its end.
   info      print a checkpoint's config and parameter count and run one forward pass on it.
 
 SUR-adapter (its official state dict as .safetensors, with sur_config.json beside it: the
@@ -72,6 +73,8 @@ def _export(args: argparse.Namespace) -> str:
     from train.checkpoint import read_trained_params
 
     workdir = storage.reachable(args.workdir)
+    if (workdir / sur.CONFIG_FILE).is_file():  # a SUR-adapter run (config.method="sur")
+        return _export_sur(args, workdir)
     config = read_json(workdir / "ella_config.json")
     check_config(config, str(workdir / "ella_config.json"))
     params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
@@ -117,6 +120,20 @@ def _sur_from_pt(args: argparse.Namespace) -> str:
     params = params_from_torch(tensors, expected, args.src)  # every official name, its shape
     sur.write_official(args.dst, params, config, overwrite=args.overwrite)
     return f"wrote {args.dst} and {storage.path(args.dst).parent / sur.CONFIG_FILE} ({config})"
+
+
+def _export_sur(args: argparse.Namespace, workdir) -> str:
+    from train.checkpoint import read_trained_params
+
+    config = read_json(workdir / sur.CONFIG_FILE)
+    sur.check_config(config, str(workdir / sur.CONFIG_FILE))
+    params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
+    model = sur.model_for(config, learned_eta=sur.ETA_HEAD in params)
+    expected = traverse_util.flatten_dict(sur.abstract_params(model), sep="/")
+    found = traverse_util.flatten_dict(params, sep="/")
+    check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
+    sur.write_official(args.dst, params, config, args.dtype, overwrite=args.overwrite)
+    return f"wrote {args.dst} ({args.weights} weights of a SUR-adapter, {config})"
 
 
 def _info(args: argparse.Namespace) -> str:

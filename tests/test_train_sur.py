@@ -8,6 +8,7 @@ import pytest
 import safetensors.numpy
 from conftest import REFERENCE, ROOT, project_config, read_metrics, read_tensors
 
+from convert.__main__ import main as convert_main
 from ella_jax import load_sur_adapter
 from train.trainer import ConfigError, check_config, train
 
@@ -99,6 +100,12 @@ def test_export_loads_strictly_in_the_official_class(sur_data, tmp_path):
         expected = adapter(torch.from_numpy(x))[0].numpy()
     model, params = load_sur_adapter(tmp_path / "w" / "sur_adapter.safetensors", mode="official")
     np.testing.assert_allclose(model.apply({"params": params}, x)[0], expected, atol=1e-5)
+    # convert export reads the run's checkpoint as the run's own export does.
+    out = tmp_path / "exported" / "adapter.safetensors"
+    assert convert_main(["export", str(tmp_path / "w"), str(out)]) == 0
+    exported = safetensors.numpy.load_file(out)
+    assert all(np.array_equal(exported[k], v) for k, v in trained(tmp_path / "w").items())
+    assert json.loads((out.parent / "sur_config.json").read_text()) == sur_config_json
     metrics = read_metrics(tmp_path / "w")
     assert {"loss_llm", "loss_cp"} <= set(metrics[-1])
     assert list((tmp_path / "w" / "samples").glob("*.png"))
@@ -169,3 +176,30 @@ def test_a_caption_without_an_llm_vector_is_named(sur_data, tmp_path):
     config = sur_config(sur_data, llm_vectors=str(tmp_path / "vectors.safetensors"))
     with pytest.raises(ValueError, match=f"caption {missing!r} has no vector in .*vectors"):
         train(config, tmp_path / "w")
+
+
+def test_toy_config_precomputes_vectors_and_exports_an_official_adapter(tmp_path):
+    """configs/sur_toy.py as the README runs it, on 64 paraphrased scenes: train.precompute
+    writes the LLM vectors of the paraphrases, 12 steps export an adapter that the official
+    class loads strictly."""
+    import torch
+    from torch_sur import Adapter
+
+    from toyworld import scenes
+    from train.precompute import precompute
+
+    manifest = scenes.write_folder(tmp_path / "scenes", seed=7, count=64, paraphrased=True)
+    config = project_config("sur_toy")
+    config.data.update(dict(source="manifest", path=str(manifest)))
+    precompute(config, tmp_path / "features")
+    vectors = safetensors.numpy.load_file(tmp_path / "features" / "llm_vectors.safetensors")
+    captions = {json.loads(line)["caption"] for line in manifest.read_text().splitlines()}
+    assert set(vectors) == captions | {""} and vectors[""].shape == (128,)
+
+    config.data.update(dict(source="precomputed", path=str(tmp_path / "features")))
+    config.update(dict(total_steps=12, checkpoint_every=12, sample_every=12, batch_size=16))
+    train(config, tmp_path / "w")
+    sur_config_json = json.loads((tmp_path / "w" / "sur_config.json").read_text())
+    adapter = Adapter(**sur_config_json)
+    state = {k: torch.from_numpy(v) for k, v in trained(tmp_path / "w").items()}
+    adapter.load_state_dict(state, strict=True)
