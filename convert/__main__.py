@@ -24,7 +24,8 @@ from ella_jax.weights.naming import check_tensors, params_from_torch
 from ella_jax.weights.tensors import CheckpointError, read_json
 
 DESCRIPTION = """\
-Convert ELLA connector checkpoints between the official PyTorch layout and ella-jax.
+Convert ELLA connector and SUR-adapter checkpoints between the official PyTorch layouts and
+ella-jax.
 
   to-jax    official .safetensors (e.g. ella-sd1.5-tsc-t5xl.safetensors, float16 or float32)
             -> a directory with config.json and params.safetensors, read by
@@ -127,6 +128,9 @@ def _export_sur(args: argparse.Namespace, workdir) -> str:
 
     config = read_json(workdir / sur.CONFIG_FILE)
     sur.check_config(config, str(workdir / sur.CONFIG_FILE))
+    run = workdir / "config.json"  # the run's config: what the encoder attended over
+    attend = read_json(run).get("sur", {}).get("attend") if run.is_file() else None
+    config = {**config, **({"attend": attend} if attend else {})}
     params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
     model = sur.model_for(config, learned_eta=sur.ETA_HEAD in params)
     expected = traverse_util.flatten_dict(sur.abstract_params(model), sep="/")

@@ -199,6 +199,8 @@ class Renderer:
             t5=str(args.t5),
             ella=str(args.ella),
             ella_heads=args.ella_heads,
+            sur=str(args.sur),
+            sur_attend=_sur_attend(self.pipe),
             upsample_captions=args.upsample_captions,
         )
         return values
@@ -258,6 +260,12 @@ def _render_dpg_bench(
                 done += 1
                 bar.update(1)
     return f"wrote {done} DPG-Bench grids to {args.out}"
+
+
+def _sur_attend(pipe) -> str | None:
+    """What the pipeline's SUR-adapter attends over ("batch", "tokens"), None without one."""
+    adapter = pipe.modules.get("sur")
+    return None if adapter is None else adapter.attend
 
 
 def _check_models(args: argparse.Namespace) -> None:
@@ -327,6 +335,9 @@ def _run(args: argparse.Namespace) -> str:
         sur=args.sur,
         sur_mode=args.sur_mode,
     )
+    if args.mode == "sur" and pipe.modules["sur"].attend == "batch" and args.batch_size > 1:
+        print("the SUR-adapter attends over the batch (official): one prompt per batch")
+        args.batch_size = 1
     renderer = Renderer(pipe, args, upsample)
     if args.dpg_bench is not None:
         return _render_dpg_bench(renderer, todo, args)
@@ -373,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--sur-mode",
         choices=("official", "fixed"),
-        default="official",
+        default=None,
         help="SUR-adapter attention: official (over the [negative; positive] batch, as "
-        "released) or fixed (over each prompt's tokens) (default: official)",
+        "released; then one prompt per batch, so that no prompt changes another's image) or "
+        "fixed (over each prompt's tokens) (default: what the file stores, as this project's "
+        "exports do, else official)",
     )
     models.add_argument(
         "--ella-heads",

@@ -78,12 +78,13 @@ class ELLAPipeline:
         scheduler: str | None = None,
         mesh: Mesh | None = None,
         sur: str | os.PathLike | None = None,
-        sur_mode: Literal["official", "fixed"] = "official",
+        sur_mode: Literal["official", "fixed"] | None = None,
     ) -> "ELLAPipeline":
         """sd: a diffusers Stable Diffusion folder; t5: a Hugging Face T5 folder (flan-t5-xl);
         ella: an official ELLA .safetensors or a converted directory (`ella_heads` as in
         `load_ella`); ELLA needs the T5. sur: a SUR-adapter (`load_sur_adapter`, `sur_mode`
-        "official": its encoder attends over the batch, as released; "fixed": over tokens).
+        "official": its encoder attends over the batch, as released; "fixed": over tokens;
+        None: as the file stores, else official).
         `dtype` is the UNet, VAE, CLIP, ELLA and SUR compute and parameter dtype; `t5_dtype`
         defaults to float32 in a float32 pipeline and to float16 otherwise, the dtype ELLA's
         features were trained on. `scheduler`: "dpm", "ddim" or "euler" overrides the folder's

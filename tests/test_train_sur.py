@@ -106,6 +106,7 @@ def test_export_loads_strictly_in_the_official_class(sur_data, tmp_path):
     exported = safetensors.numpy.load_file(out)
     assert all(np.array_equal(exported[k], v) for k, v in trained(tmp_path / "w").items())
     assert json.loads((out.parent / "sur_config.json").read_text()) == sur_config_json
+    assert load_sur_adapter(out)[0].attend == "batch"  # as the run trained, from its config
     metrics = read_metrics(tmp_path / "w")
     assert {"loss_llm", "loss_cp"} <= set(metrics[-1])
     assert list((tmp_path / "w" / "samples").glob("*.png"))
@@ -125,6 +126,8 @@ def test_course_variant_learns_eta_and_keeps_w0_on_resume(sur_data, tmp_path):
     assert (tmp_path / "w" / "eta_head.safetensors").is_file()
     model, params = load_sur_adapter(tmp_path / "w" / "sur_adapter.safetensors", mode="fixed")
     assert model.learned_eta
+    # The attention the run used is stored with the export and followed by default.
+    assert load_sur_adapter(tmp_path / "w" / "sur_adapter.safetensors")[0].attend == "tokens"
     # The learned mix has left 0.1: the same adapter with eta fixed at 0.1 differs.
     x = np.random.default_rng(2).standard_normal((2, 77, 64)).astype(np.float32)
     fixed = model.clone(learned_eta=False)
@@ -146,6 +149,8 @@ def test_course_variant_learns_eta_and_keeps_w0_on_resume(sur_data, tmp_path):
         (lambda c: c.data.update(source="webdataset"), r"reads complex captions from"),
         (lambda c: c.update(method="lora"), r"config\.method='lora'"),
         (lambda c: c.update(gradient_accumulation=0), r"gradient_accumulation=0"),
+        (lambda c: c.sur.update(eta="learned", initial_eta=1.0), r"initial_eta=1\.0"),
+        (lambda c: c.sur.update(temperature=0.0), r"temperature=0\.0 must be positive"),
     ],
 )
 def test_bad_config_names_the_key(sur_data, change, message):
@@ -203,3 +208,15 @@ def test_toy_config_precomputes_vectors_and_exports_an_official_adapter(tmp_path
     adapter = Adapter(**sur_config_json)
     state = {k: torch.from_numpy(v) for k, v in trained(tmp_path / "w").items()}
     adapter.load_state_dict(state, strict=True)
+
+
+def test_a_record_without_a_complex_caption_is_named(sur_data, tmp_path):
+    manifest = sur_data[0]
+    lines = manifest.read_text().splitlines()
+    plain = [json.dumps({k: v for k, v in json.loads(line).items() if k != "complex"})
+             for line in lines]  # fmt: skip
+    (tmp_path / "plain.jsonl").write_text("\n".join(plain) + "\n")
+    config = sur_config(sur_data)
+    config.data.path = str(tmp_path / "plain.jsonl")
+    with pytest.raises(ValueError, match="has no 'complex' caption"):
+        train(config, tmp_path / "w")

@@ -60,12 +60,11 @@ def evaluate(
         ("toy SD, paraphrases (floor)", sd, "clip", paraphrases, 64, "fixed"),
     ]
     for label, workdir in sur_runs:
-        official = _run_config(workdir, "sur_adapter.safetensors")["sur"]["attend"] == "batch"
-        pipeline = ELLAPipeline.from_pretrained(
-            models / "sd",
-            sur=workdir / "sur_adapter.safetensors",
-            sur_mode="official" if official else "fixed",
+        _run_config(workdir, "sur_adapter.safetensors")
+        pipeline = ELLAPipeline.from_pretrained(  # attending as the run did (stored with it)
+            models / "sd", sur=workdir / "sur_adapter.safetensors"
         )
+        official = pipeline.modules["sur"].attend == "batch"
         ways.append((label, pipeline, "sur", paraphrases, 1 if official else 64, "fixed"))
     for label, workdir in ella_runs:
         run = _run_config(workdir, "ella.safetensors")

@@ -24,7 +24,7 @@ class TrainState:
     """Everything that trains and is checkpointed (the frozen models are not in it)."""
 
     step: jax.Array  # int32 ()
-    params: Any  # ELLA, float32 master weights
+    params: Any  # the trained model's (ELLA or SUR-adapter), float32 master weights
     ema_params: Any
     opt_state: Any
     rng: jax.Array  # uint32 (2,), raw key data
@@ -240,9 +240,10 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warmup then a constant or cosine learning rate, after global-norm
     gradient clipping (0: none). `accumulation` > 1: the gradients of that many steps are
-    averaged into one update (the steps between leave the params as they are); the schedule
-    counts updates. `trainable(params)` -> a tree of bools: the others are never updated (nor
-    decayed). Returns (optimizer, learning-rate schedule of the step)."""
+    averaged into one update (the steps between leave the params as they are, while the EMA
+    still moves at every step); the schedule counts updates. `trainable(params)` -> a tree of
+    bools: the others are never updated (nor decayed). Returns (optimizer, learning-rate
+    schedule of the step)."""
     if schedule == "constant":
         after = optax.constant_schedule(learning_rate)
     elif schedule == "cosine":

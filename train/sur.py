@@ -116,7 +116,12 @@ class SURRun:
         for key, allowed in choices.items():
             if options[key] not in allowed:
                 raise ConfigError(f"config.sur.{key}={options[key]!r}: use one of {allowed}")
-        eta_of(options)
+        if eta_of(options) == "learned" and not 0 < options.initial_eta < 1:
+            raise ConfigError(
+                f"config.sur.initial_eta={options.initial_eta!r}: a learned eta starts in (0, 1)"
+            )
+        if options.temperature <= 0:
+            raise ConfigError(f"config.sur.temperature={options.temperature!r} must be positive")
         if config.data.source not in SOURCES:
             raise ConfigError(
                 f"config.data.source={config.data.source!r}: SUR-adapter reads complex captions "
@@ -124,9 +129,10 @@ class SURRun:
             )
         path = llm_vectors_path(config)
         if not storage.path(path).is_file():
+            where = "set config.sur.llm_vectors" if config.data.source != "precomputed" else ""
             raise ConfigError(
                 f"config.sur.llm_vectors: {path} is not a file (a safetensors file of one vector "
-                "per caption; train.precompute writes one for a SUR config)"
+                f"per caption; train.precompute writes one for a SUR config) {where}".rstrip()
             )
         if options.init:
             try:
@@ -163,6 +169,7 @@ class SURRun:
             "depth": options.depth,
             "adapter_weight": float(self.model.eta),
             "sd_text_size": width,
+            "attend": options.attend,  # stored with the export (not an official argument)
         }
         saved = workdir / PROJECTION_FILE
         if saved.is_file():  # a resumed run: the W0 it started with
@@ -185,9 +192,10 @@ class SURRun:
         if self.options.init:
             _, params = sur.read_sur_adapter(self.options.init)
             params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-            if self.model.learned_eta and sur.ETA_HEAD not in params:
-                fresh = self._random_params()
-                params = {**params, sur.ETA_HEAD: fresh[sur.ETA_HEAD]}
+            if not self.model.learned_eta:  # a head the run does not use is not exported
+                return {k: v for k, v in params.items() if k != sur.ETA_HEAD}
+            if sur.ETA_HEAD not in params:
+                params = {**params, sur.ETA_HEAD: self._random_params()[sur.ETA_HEAD]}
             return params
         return self._random_params()
 
@@ -201,6 +209,7 @@ class SURRun:
     def write_run_files(self, workdir: epath.Path) -> None:
         """sur_config.json and W0 (once: a resumed run keeps the one it started with)."""
         config_json = json.dumps({k: self.model_config[k] for k in sur.CONFIG_KEYS}, indent=1)
+        # exactly the official constructor's arguments: what the export writes beside itself
         (workdir / sur.CONFIG_FILE).write_text(config_json + "\n")
         saved = workdir / PROJECTION_FILE
         if not saved.is_file():
@@ -221,7 +230,12 @@ class SURRun:
                 record = msgpack.unpackb(record)
             source = data.unpack_arrays(record) if precomputed else record
             simple = "" if drop_caption else str(source.get("caption", ""))
-            complex_caption = "" if drop_caption else str(source.get("complex", ""))
+            if not drop_caption and "complex" not in source:
+                raise ValueError(
+                    f"the record of caption {simple!r} has no 'complex' caption: SUR-adapter "
+                    "trains on (image, simple caption, complex caption) records"
+                )
+            complex_caption = "" if drop_caption else str(source["complex"])
             if simple not in self.vectors:
                 raise ValueError(
                     f"caption {simple!r} has no vector in {llm_vectors_path(config)} (rerun "

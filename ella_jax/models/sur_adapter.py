@@ -118,7 +118,9 @@ class EtaHead(nn.Module):
         hidden = nn.relu(nn.Dense(ETA_HIDDEN, name="linear1", **kw)(jnp.mean(x, axis=1)))
         logit = jnp.log(self.initial / (1 - self.initial))
         bias_init = nn.initializers.constant(logit)
-        out = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=bias_init, name="linear2")
+        out = nn.Dense(
+            1, kernel_init=nn.initializers.zeros, bias_init=bias_init, name="linear2", **kw
+        )
         return jax.nn.sigmoid(out(hidden).astype(jnp.float32))[:, :, None]
 
 

@@ -7,6 +7,11 @@ it: the official constructor's arguments (`depth`, `adapter_weight`, `sd_text_si
 course variant's learned eta head is not part of the official class: it goes beside them, in
 `eta_head.safetensors`. A converted directory (`ella_jax.weights.converted`) holds the same
 config and the whole Flax tree, the eta head included when there is one.
+
+What the encoder attends over is not an official constructor argument: this project stores it
+as `attend` ("batch" as released, "tokens" fixed) in an exported file's safetensors metadata
+(`sur_attend`; the official loader ignores metadata) and in a converted directory's config, and
+`load_sur_adapter` follows it unless told otherwise.
 """
 
 import contextlib
@@ -30,6 +35,7 @@ from ella_jax.weights.tensors import (
     CheckpointError,
     read_json,
     read_safetensors,
+    read_safetensors_metadata,
     write_safetensors,
 )
 
@@ -39,11 +45,13 @@ ETA_FILE = "eta_head.safetensors"  # beside an official file: the learned eta he
 ETA_HEAD = "eta_head"
 CONFIG_KEYS = ("depth", "adapter_weight", "sd_text_size")  # the official constructor's order
 MODES = {"official": "batch", "fixed": "tokens"}  # load mode -> what the encoder attends over
+METADATA_KEY = "sur_attend"  # an exported file's stored attention ("batch" or "tokens")
 
 
 def check_config(config: dict[str, Any], source: str) -> None:
-    """Raises a CheckpointError naming the first field the adapter cannot be built with."""
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    """Raises a CheckpointError naming the first field the adapter cannot be built with (the
+    official constructor's arguments, and optionally this project's `attend`)."""
+    unknown = sorted(set(config) - {*CONFIG_KEYS, "attend"})
     missing = [k for k in CONFIG_KEYS if k not in config]
     if unknown or missing:
         raise CheckpointError(f"{source}: config fields missing {missing}, unknown {unknown}")
@@ -55,6 +63,8 @@ def check_config(config: dict[str, Any], source: str) -> None:
             f"{source}: sd_text_size={config['sd_text_size']} is not a multiple of the "
             f"encoder's {ENCODER_HEADS} heads"
         )
+    if config.get("attend", "batch") not in MODES.values():
+        raise CheckpointError(f"{source}: attend={config['attend']!r}: use 'batch' or 'tokens'")
     eta = config["adapter_weight"]
     if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
         raise CheckpointError(f"{source}: adapter_weight={eta!r} must be a number in [0, 1]")
@@ -112,10 +122,15 @@ def _read_sidecar_config(path: epath.Path) -> dict[str, Any]:
 
 def read_official(path: str | os.PathLike) -> tuple[dict, dict]:
     """(config, params) from an official .safetensors file and the sur_config.json beside it
-    (and the eta head beside them, when there is one)."""
+    (and the eta head beside them, when there is one); config["attend"] when the file stores
+    it."""
     path = storage.path(path)
     tensors = read_safetensors(path)
     config = _read_sidecar_config(path)
+    attend = read_safetensors_metadata(path).get(METADATA_KEY)
+    if attend is not None:
+        config = {**config, "attend": attend}
+        check_config(config, f"{path} (metadata {METADATA_KEY!r})")
     for key, value in sizes_from_tensors(tensors, str(path)).items():
         if config[key] != value:
             raise CheckpointError(
@@ -147,9 +162,10 @@ def write_official(
     dtype: DTypeLike | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Writes params as an official .safetensors in `dtype` (default: the params' own), the
-    sur_config.json beside it and, for a learned eta, the eta head's file; each whole or not at
-    all, and nothing when any of them exists (unless `overwrite`)."""
+    """Writes params as an official .safetensors in `dtype` (default: the params' own; with
+    config["attend"] in its metadata when given), the sur_config.json beside it (one with the
+    same contents may be there already) and, for a learned eta, the eta head's file; each whole
+    or not at all, and nothing when any of them exists (unless `overwrite`)."""
     path = storage.path(path)
     check_config(config, str(path))
     params = dict(jax.device_get(params))
@@ -162,20 +178,22 @@ def write_official(
             f"{stale_eta}: already exists and would be read as this adapter's eta head (pass "
             "--overwrite to remove it)"
         )
+    metadata = {METADATA_KEY: config["attend"]} if "attend" in config else None
     with contextlib.ExitStack() as stack:  # every destination checked before any is written
         _sidecar(path.parent / CONFIG_FILE, config_json.encode(), overwrite, stack)
-        if stale_eta is not None and stale_eta.exists():
-            stack.callback(stale_eta.unlink)
         if eta_head is not None:
             staging = stack.enter_context(atomic_path(path.parent / ETA_FILE, overwrite))
             write_safetensors(cast(params_to_torch({ETA_HEAD: eta_head})), staging)
         staging = stack.enter_context(atomic_path(path, overwrite=overwrite))
-        write_safetensors(cast(params_to_torch(params)), staging)
+        write_safetensors(cast(params_to_torch(params)), staging, metadata)
+    if stale_eta is not None and stale_eta.exists():  # only once the new files are in place
+        stale_eta.unlink()
 
 
 def write_converted(directory: str | os.PathLike, config: dict[str, Any], params: Any) -> None:
     """Writes a converted SUR-adapter directory (into an existing empty or new folder)."""
-    converted.write_converted(directory, {k: config[k] for k in CONFIG_KEYS}, params)
+    keys = [*CONFIG_KEYS, "attend"]
+    converted.write_converted(directory, {k: config[k] for k in keys if k in config}, params)
 
 
 def read_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
@@ -200,18 +218,21 @@ def read_sur_adapter(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def load_sur_adapter(
     path: str | os.PathLike,
-    mode: str = "official",
+    mode: str | None = None,
     dtype: DTypeLike = jnp.float32,
     param_dtype: DTypeLike | None = None,
 ) -> tuple[SURAdapter, dict]:
     """(model, params) from an official .safetensors (with sur_config.json beside it) or a
     converted directory. mode "official": the encoder attends over the batch axis, as the
-    released code does; "fixed": over tokens. `dtype` is the compute dtype; params keep the
-    checkpoint's dtype unless `param_dtype` is given.
+    released code does; "fixed": over tokens; None: what the checkpoint stores (this project's
+    exports), else "official". `dtype` is the compute dtype; params keep the checkpoint's dtype
+    unless `param_dtype` is given.
     Use: `out, encoder_out, llm_out = model.apply({"params": params}, clip_hidden)`."""
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise ValueError(f"mode={mode!r}: use 'official' or 'fixed'")
     config, params = read_sur_adapter(path)
+    if mode is None:
+        mode = "fixed" if config.get("attend") == "tokens" else "official"
     if param_dtype is not None:
         params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     stored_dtype = jax.tree.leaves(params)[0].dtype
