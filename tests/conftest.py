@@ -31,7 +31,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # heaviest first, so the workers end together, but the multi-process one last, when the other
 # worker has little left (its 2 processes x 4 devices beside another heavy module would be
 # slower for both).
-FIRST = ("test_train", "test_device_suite", "test_toy_models", "test_step_parity")
+FIRST = (
+    "test_train",
+    "test_train_sur",
+    "test_device_suite",
+    "test_toy_models",
+    "test_step_parity",
+)
 LAST = ("test_multihost",)
 
 

@@ -45,7 +45,7 @@ def sur_config(sur_data, **sur_options):
             total_steps=4,
             checkpoint_every=2,
             log_every=2,
-            sample_every=4,
+            sample_every=1000,  # no samples (compiling the sampler): one test asks for them
             sample_steps=2,
             learning_rate=1e-2,
             dtype="float32",
@@ -89,6 +89,7 @@ def test_export_loads_strictly_in_the_official_class(sur_data, tmp_path):
     from torch_sur import Adapter
 
     config = sur_config(sur_data, attend="batch", loss="kl", lambda_llm=1.0, lambda_cp=1.0)
+    config.sample_every = 4
     train(config, tmp_path / "w")
     sur_config_json = json.loads((tmp_path / "w" / "sur_config.json").read_text())
     assert sur_config_json == {"depth": 2, "adapter_weight": 0.1, "sd_text_size": 64}
@@ -164,10 +165,10 @@ def test_gradient_accumulation_updates_every_k_steps(sur_data, tmp_path):
     """With 4 steps accumulated, 3 steps change nothing (fc stays at its zero start); the 4th
     updates."""
     config = sur_config(sur_data, detach_unet_input=False, lambda_llm=0.0, lambda_cp=0.0)
-    config.update(gradient_accumulation=4, total_steps=3, checkpoint_every=3, sample_every=3)
+    config.update(gradient_accumulation=4, total_steps=3, checkpoint_every=3)
     train(config, tmp_path / "w")
     assert not np.any(trained(tmp_path / "w")["fc.weight"])  # 3 of 4 steps: no update yet
-    config.update(total_steps=4, checkpoint_every=4, sample_every=4)
+    config.update(total_steps=4, checkpoint_every=4)
     train(config, tmp_path / "w")
     assert np.any(trained(tmp_path / "w")["fc.weight"])
 
@@ -202,7 +203,7 @@ def test_toy_config_precomputes_vectors_and_exports_an_official_adapter(tmp_path
     assert set(vectors) == captions | {""} and vectors[""].shape == (128,)
 
     config.data.update(dict(source="precomputed", path=str(tmp_path / "features")))
-    config.update(dict(total_steps=12, checkpoint_every=12, sample_every=12, batch_size=16))
+    config.update(dict(total_steps=12, checkpoint_every=12, sample_every=1000, batch_size=16))
     train(config, tmp_path / "w")
     sur_config_json = json.loads((tmp_path / "w" / "sur_config.json").read_text())
     adapter = Adapter(**sur_config_json)
