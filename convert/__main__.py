@@ -70,18 +70,25 @@ def _to_torch(args: argparse.Namespace) -> str:
     return f"wrote {args.dst} ({config})"
 
 
-def _export(args: argparse.Namespace) -> str:
+def _trained_params(args: argparse.Namespace, workdir, abstract) -> dict:
+    """The run's saved params (args.step, args.weights), checked against `abstract(params)`,
+    the model's tree of ShapeDtypeStructs."""
     from train.checkpoint import read_trained_params
 
+    params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
+    expected = traverse_util.flatten_dict(abstract(params), sep="/")
+    found = traverse_util.flatten_dict(params, sep="/")
+    check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
+    return params
+
+
+def _export(args: argparse.Namespace) -> str:
     workdir = storage.reachable(args.workdir)
     if (workdir / sur.CONFIG_FILE).is_file():  # a SUR-adapter run (config.method="sur")
         return _export_sur(args, workdir)
     config = read_json(workdir / "ella_config.json")
     check_config(config, str(workdir / "ella_config.json"))
-    params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
-    expected = traverse_util.flatten_dict(abstract_params(ELLA(**config)), sep="/")
-    found = traverse_util.flatten_dict(params, sep="/")
-    check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
+    params = _trained_params(args, workdir, lambda _: abstract_params(ELLA(**config)))
     write_official(args.dst, params, args.dtype, overwrite=args.overwrite, config=config)
     return f"wrote {args.dst} ({args.weights} weights, {config})"
 
@@ -124,18 +131,16 @@ def _sur_from_pt(args: argparse.Namespace) -> str:
 
 
 def _export_sur(args: argparse.Namespace, workdir) -> str:
-    from train.checkpoint import read_trained_params
-
     config = read_json(workdir / sur.CONFIG_FILE)
     sur.check_config(config, str(workdir / sur.CONFIG_FILE))
     run = workdir / "config.json"  # the run's config: what the encoder attended over
     attend = read_json(run).get("sur", {}).get("attend") if run.is_file() else None
     config = {**config, **({"attend": attend} if attend else {})}
-    params = read_trained_params(workdir / "checkpoints", args.step, ema=args.weights == "ema")
-    model = sur.model_for(config, learned_eta=sur.ETA_HEAD in params)
-    expected = traverse_util.flatten_dict(sur.abstract_params(model), sep="/")
-    found = traverse_util.flatten_dict(params, sep="/")
-    check_tensors(found, {k: v.shape for k, v in expected.items()}, str(workdir / "checkpoints"))
+    params = _trained_params(
+        args,
+        workdir,
+        lambda found: sur.abstract_params(sur.model_for(config, learned_eta=sur.ETA_HEAD in found)),
+    )
     sur.write_official(args.dst, params, config, args.dtype, overwrite=args.overwrite)
     return f"wrote {args.dst} ({args.weights} weights of a SUR-adapter, {config})"
 
