@@ -9,6 +9,7 @@ import numpy as np
 from flax import traverse_util
 
 from ella_jax import storage
+from ella_jax.cli import error_exit
 from ella_jax.models.ella import ELLA
 from ella_jax.storage import atomic_path
 from ella_jax.weights import sur
@@ -250,13 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(args.run(args))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, OSError) as e:
+        return error_exit(e)
     return 0
 
 

@@ -2,36 +2,36 @@
 
 import argparse
 import collections
-import importlib
-import importlib.util
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 from etils import epath
 from PIL import Image
 
 from ella_jax import storage
+from ella_jax.cli import error_exit
 from ella_jax.images import grid, save_png
+from ella_jax.plugin import PluginError, load_function
 from ella_jax.weights.tensors import CheckpointError, read_json
 
 DESCRIPTION = """\
 Render prompts with ELLA (T5 -> ELLA connector -> Stable Diffusion UNet) to PNG files.
 
-Prompts come from --prompt (repeatable), --prompts-file (one per line) or --dpg-bench (a TSV of
-id<TAB>prompt lines, as data/dpg_bench_prompts.tsv).
+Prompts come from --prompt (repeatable), --prompts-file (one per line) or --dpg-bench (DPG-Bench's
+dpg_bench.csv, or a TSV of id<TAB>prompt lines, as data/dpg_bench_prompts.tsv).
 
   prompts    one PNG per prompt, OUT/<index>_<slug>.png, and OUT/grid.png of all of them when
              there are several. The image of prompt i uses the seed SEED + i, whatever the
              batch size. Each PNG records the prompt and the settings in its metadata (text
              chunks "prompt" and "ella-jax", the latter JSON).
   DPG-Bench  per prompt, 4 images with seeds SEED..SEED+3 tiled 2x2 into OUT/<id>.png, the
-             layout DPG-Bench's evaluation reads. Resumable: ids whose PNG exists are skipped,
-             and every PNG is written whole or not at all.
+             layout DPG-Bench's evaluation reads (python -m ella_jax.dpg_bench score).
+             Resumable: ids whose PNG exists are skipped, and every PNG is written whole or
+             not at all.
 
 Errors print one line and exit with status 2.
 """
@@ -64,12 +64,36 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
 
 
 def read_dpg_bench(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(id, prompt) pairs from `id<TAB>prompt` lines; a header row (id<TAB>prompt or text) and
-    blank lines are skipped. Ids must be unique and usable as file names."""
+    """(id, prompt) pairs from DPG-Bench's CSV (a .csv: its item_id and text columns) or from
+    `id<TAB>prompt` lines, where a header row (id<TAB>prompt or text) and blank lines are
+    skipped. Ids must be unique and usable as file names."""
     path = storage.reachable(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such DPG-Bench prompts file")
-    items: list[tuple[str, str]] = []
+    if path.suffix.lower() == ".csv":
+        from ella_jax.dpg_bench.questions import BenchmarkError, read_prompts
+
+        try:
+            numbered = [(None, key, prompt) for key, prompt in read_prompts(path)]
+        except BenchmarkError as e:
+            raise UsageError(str(e)) from None
+    else:
+        numbered = _read_tsv(path)
+    for number, key, _ in numbered:
+        where = f"{path}:{number}" if number else f"{path}: item {key}"
+        if not re.fullmatch(r"[\w.-]+", key) or key.startswith("."):
+            raise UsageError(f"{where}: id {key!r} cannot be a file name")
+    items = [(key, prompt) for _, key, prompt in numbered]
+    counts = collections.Counter(key for key, _ in items)
+    duplicates = sorted(key for key, count in counts.items() if count > 1)
+    if duplicates:
+        raise UsageError(f"{path}: duplicate ids {', '.join(duplicates[:5])}")
+    return items
+
+
+def _read_tsv(path: epath.Path) -> list[tuple[int, str, str]]:
+    """(line number, id, prompt) per `id<TAB>prompt` line."""
+    items: list[tuple[int, str, str]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -79,39 +103,10 @@ def read_dpg_bench(path: str | os.PathLike) -> list[tuple[str, str]]:
             continue
         if not tab or not key or not prompt:
             raise UsageError(f"{path}:{number}: expected 'id<TAB>prompt'")
-        if not re.fullmatch(r"[\w.-]+", key) or key.startswith("."):
-            raise UsageError(f"{path}:{number}: id {key!r} cannot be a file name")
-        items.append((key, prompt))
+        items.append((number, key, prompt))
     if not items:
         raise UsageError(f"{path}: no prompts")
-    counts = collections.Counter(key for key, _ in items)
-    duplicates = sorted(key for key, count in counts.items() if count > 1)
-    if duplicates:
-        raise UsageError(f"{path}: duplicate ids {', '.join(duplicates[:5])}")
     return items
-
-
-def load_function(spec: str) -> Callable:
-    """The callable named by "MODULE:FUNCTION", MODULE a dotted module name or a .py path."""
-    module_name, colon, function_name = spec.rpartition(":")
-    if not colon or not module_name or not function_name:
-        raise UsageError(f"--upsample-captions {spec!r}: expected MODULE:FUNCTION")
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name)
-            if not file.is_file():
-                raise UsageError(f"--upsample-captions: {file}: no such file")
-            module_spec = importlib.util.spec_from_file_location(file.stem, file)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"--upsample-captions: cannot import {module_name} ({e})") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise UsageError(f"--upsample-captions: {module_name} has no function {function_name}")
-    return function
 
 
 def save_with_metadata(image: Image.Image, path: epath.Path, metadata: dict) -> None:
@@ -241,9 +236,11 @@ def _render_prompts(renderer: Renderer, prompts: list[str], args: argparse.Names
     return f"wrote {written} PNG files to {out}"
 
 
-def _render_dpg_bench(
+def render_dpg_bench(
     renderer: Renderer, items: list[tuple[str, str]], args: argparse.Namespace
 ) -> str:
+    """Writes ARGS.OUT/<id>.png, the 2x2 grid of the images of seeds SEED..SEED+3, per (id,
+    prompt) of `items`; `args` as `build_parser` parses them."""
     seeds = list(range(args.seed, args.seed + DPG_IMAGES))
     jobs = [(prompt, seed) for _, prompt in items for seed in seeds]
     pending: list[Image.Image] = []
@@ -313,7 +310,11 @@ def _run(args: argparse.Namespace) -> str:
         if any(not prompt.strip() for prompt in prompts):
             raise UsageError("--prompt: empty prompt")
     _check_models(args)
-    upsample = load_function(args.upsample_captions) if args.upsample_captions else None
+    upsample = (
+        load_function(args.upsample_captions, "--upsample-captions")
+        if args.upsample_captions
+        else None
+    )
     storage.reachable(args.out).mkdir(parents=True, exist_ok=True)
 
     if args.dpg_bench is not None:
@@ -340,7 +341,7 @@ def _run(args: argparse.Namespace) -> str:
         args.batch_size = 1
     renderer = Renderer(pipe, args, upsample)
     if args.dpg_bench is not None:
-        return _render_dpg_bench(renderer, todo, args)
+        return render_dpg_bench(renderer, todo, args)
     return _render_prompts(renderer, prompts, args)
 
 
@@ -420,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     sources.add_argument(
         "--dpg-bench",
         type=storage.path,
-        metavar="TSV",
-        help="DPG-Bench prompts (id<TAB>prompt lines, e.g. data/dpg_bench_prompts.tsv)",
+        metavar="FILE",
+        help="DPG-Bench prompts: its dpg_bench.csv, or id<TAB>prompt lines (e.g. "
+        "data/dpg_bench_prompts.tsv)",
     )
     source.add_argument(
         "--limit", type=int, default=None, metavar="N", help="only the first N prompts"
@@ -519,13 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compare-sd with --mode clip would compare plain SD with itself")
     try:
         print(_run(args))
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+    except (UsageError, CheckpointError, PluginError, OSError) as e:
+        return error_exit(e)
     return 0
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import ROOT, param_update, project_config, relative_error, train_step_setup
+from PIL import Image
 
 from ella_jax.models.ella import ELLA
 from ella_jax.text import load_tokenizer, tokenize
@@ -155,7 +156,11 @@ def test_the_papers_dtypes_give_the_float32_step(toy_setup):
 def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
     """`python -m toyworld.evaluate` (its command line, in this process) on a connector as
     train.main exports it (here at its initialisation; configs/toy.py's training is the main
-    job, the trainer is tested with configs/tiny.py)."""
+    job, the trainer is tested with configs/tiny.py), with its toy DPG-Bench; then the chain a
+    user runs, `python -m ella_jax.generate --dpg-bench` and `python -m ella_jax.dpg_bench
+    score`, on the toy SD gives the evaluation's grids and score."""
+    from ella_jax.dpg_bench.__main__ import main as score
+    from ella_jax.generate import main as generate
     from toyworld.evaluate import main
 
     config = project_config("toy")
@@ -165,16 +170,33 @@ def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
     write_official_config(tmp_path / "ella_config.json", {k: getattr(ella, k) for k in CONFIG_KEYS})
     (tmp_path / RUN_CONFIG_FILE).write_text(config.to_json())  # mask_padding: flexible tokens
     argv = ["--models", str(MODELS), "--workdir", str(tmp_path), "--count", "4", "--steps", "2",
-            "--grid", "4"]  # fmt: skip
+            "--grid", "4", "--dpg-count", "2"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["toyworld.evaluate", *argv])
     main()
     written = json.loads((tmp_path / "eval" / "scores.json").read_text())
-    assert list(written["scores"]) == ["toy SD", "untrained ELLA", "trained ELLA"]
+    ways = ["toy SD", "untrained ELLA", "trained ELLA"]
+    assert list(written["scores"]) == list(written["dpg_bench"]) == ways
     assert written["count"] == 4
     assert written["token_length"] == "flexible"
     assert sum(written["captions_stating"].values()) > 4
     assert (tmp_path / "eval" / "samples.png").is_file()
-    assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 5
+    assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 11
+    assert set(written["dpg_bench"]["toy SD"]["l1"]) <= {"entity", "attribute", "relation",
+                                                         "other", "global"}  # fmt: skip
+
+    dpg = tmp_path / "eval" / "dpg_bench"
+    csv, grids = dpg / "toy_dpg_bench.csv", tmp_path / "grids"
+    argv = ["--sd", str(SD), "--mode", "clip", "--dpg-bench", str(csv), "--size", "32",
+            "--steps", "2", "--guidance", "3.0", "--out", str(grids)]  # fmt: skip
+    assert generate(argv) == 0
+    for name in ("toy-0000.png", "toy-0001.png"):
+        expected = np.asarray(Image.open(dpg / "toy-sd" / "grids" / name))
+        np.testing.assert_array_equal(np.asarray(Image.open(grids / name)), expected)
+    argv = ["score", "--csv", str(csv), "--images", str(grids), "--resolution", "32",
+            "--vqa", "toyworld.dpg_bench:answer", "--out", str(tmp_path / "score")]  # fmt: skip
+    assert score(argv) == 0
+    scored = json.loads((tmp_path / "score" / "scores.json").read_text())
+    assert scored["score"] == written["dpg_bench"]["toy SD"]["score"]
 
 
 def test_sur_evaluation_scores_paraphrases_against_their_templates(tmp_path, monkeypatch):

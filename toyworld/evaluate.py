@@ -1,6 +1,7 @@
 """Scores what the frozen toy UNet draws for held-out captions, three ways:
 
     python -m toyworld.evaluate --models models/toy --workdir out/toy [--count 192] [--seed 1]
+        [--dpg-count 64]
 
 - "toy SD": the toy Stable Diffusion with its own CLIP text encoder (the ceiling);
 - "untrained ELLA": the connector of WORKDIR/ella_config.json at its random initialisation;
@@ -8,13 +9,22 @@
 
 The captions are those of `--count` scenes drawn with `--seed` (the training data uses other
 seeds). The connector reads the T5 tokens as it was trained to (WORKDIR/config.json): each
-caption's own tokens when it masked the padding, else the reference's fixed 128. Writes
-WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first `--grid` captions per way,
-top to bottom as listed), captions.txt}.
+caption's own tokens when it masked the padding, else the reference's fixed 128.
+
+Each way also takes the toy DPG-Bench (`toyworld.dpg_bench`) on the first `--dpg-count` of those
+captions: `python -m ella_jax.generate --dpg-bench` draws its 2x2 grids (seeds 0-3), and
+`python -m ella_jax.dpg_bench score` scores them with the toy VQA, in this process.
+
+Writes WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first `--grid` captions
+per way, top to bottom as listed), captions.txt, dpg_bench/} (dpg_bench/: the CSV, and per way
+its grids and scores as those commands write them).
 """
 
 import argparse
 import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -22,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from ella_jax import storage
+from ella_jax import dpg_bench, generate, storage
 from ella_jax.images import grid, save_png, to_uint8
 from ella_jax.pipeline import ELLAPipeline
 from ella_jax.storage import atomic_path
 from ella_jax.weights.tensors import CheckpointError, read_json
-from toyworld.scenes import generate
+from toyworld import dpg_bench as toy_dpg_bench
+from toyworld.scenes import generate as generate_scenes
 from toyworld.score import ATTRIBUTES, score, score_many
 from train.trainer import RUN_CONFIG_FILE
 
@@ -81,10 +92,12 @@ def evaluate(
     guidance: float,
     grid_count: int,
     token_length: Literal["fixed", "flexible"] | None = None,
+    dpg_count: int = 64,
 ) -> dict[str, dict[str, float]]:
     """{way: {attribute: accuracy}} (see the module docstring); writes WORKDIR/eval.
     token_length: the pipeline's T5 token mode; None: "flexible" when the run trained with
-    mask_padding (WORKDIR/config.json), else "fixed"."""
+    mask_padding (WORKDIR/config.json), else "fixed". dpg_count: toy DPG-Bench prompts (0:
+    none)."""
     checkpoint = workdir / "ella.safetensors"
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: not found (train first: see configs/toy.py)")
@@ -101,19 +114,46 @@ def evaluate(
         "untrained ELLA": (untrained(trained, seed), "ella"),
         "trained ELLA": (trained, "ella"),
     }
-    captions = [text for _, text in generate(seed, count)]
-    scores, rows = {}, []
-    for way, (pipeline, mode) in pipelines.items():
-        images = draw(pipeline, captions, mode, steps, guidance, seed, token_length)
-        scores[way] = score_many(list(images), captions)
-        rows.extend(images[:grid_count])
-        print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
+    captions = [text for _, text in generate_scenes(seed, count)]
+    scores, rows, dpg = {}, [], {}
+    with tempfile.TemporaryDirectory() as dpg_dir:
+        dpg_dir = Path(dpg_dir)
+        csv = dpg_dir / "toy_dpg_bench.csv"
+        items = toy_dpg_bench.write_csv(csv, seed, dpg_count) if dpg_count else []
+        for way, (pipeline, mode) in pipelines.items():
+            images = draw(pipeline, captions, mode, steps, guidance, seed, token_length)
+            scores[way] = score_many(list(images), captions)
+            rows.extend(images[:grid_count])
+            print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
+            if items:
+                flags = ["--mode", mode, "--steps", str(steps), "--guidance", str(guidance),
+                         "--token-length", token_length, "--sd", str(models / "sd")]  # fmt: skip
+                out = dpg_dir / generate.slugify(way)
+                dpg[way] = take_dpg_bench(pipeline, csv, items, out, flags)
+                print(f"{way}: toy DPG-Bench {dpg[way]['score']:.1f}")
 
-    settings = dict(
-        count=count, seed=seed, steps=steps, guidance=guidance, token_length=token_length
-    )
-    report(workdir / "eval", scores, captions, rows, grid_count, settings)
+        settings = dict(
+            count=count, seed=seed, steps=steps, guidance=guidance, token_length=token_length
+        )
+        report(workdir / "eval", scores, captions, rows, grid_count, settings, dpg, dpg_dir)
     return scores
+
+
+def take_dpg_bench(
+    pipeline: ELLAPipeline, csv: Path, items: list[tuple[str, str]], out: Path, flags: list[str]
+) -> dict:
+    """The toy DPG-Bench's scores.json for `pipeline`: OUT/grids/ as `python -m ella_jax.generate
+    --dpg-bench CSV --size 32 --batch-size 64 FLAGS` draws them, OUT/ as `python -m
+    ella_jax.dpg_bench score --resolution 32 --vqa toyworld.dpg_bench:answer` scores them."""
+    grids = out / "grids"
+    argv = ["--dpg-bench", str(csv), "--out", str(grids), "--size", "32", "--batch-size", "64"]
+    args = generate.build_parser().parse_args([*argv, *flags])
+    grids.mkdir(parents=True)
+    generate.render_dpg_bench(generate.Renderer(pipeline, args, None), items, args)
+    vqa = "toyworld.dpg_bench:answer"
+    return dpg_bench.evaluate(
+        csv, grids, out, 32, vqa=toy_dpg_bench.answer, vqa_name=vqa, progress=False
+    )
 
 
 def report(
@@ -123,19 +163,35 @@ def report(
     rows: list[np.ndarray],
     grid_count: int,
     settings: dict,
+    dpg: dict[str, dict] | None = None,
+    dpg_dir: Path | None = None,
 ) -> None:
     """Writes `out` (replaced whole): scores.json, scores.md (a row per way), captions.txt (the
-    first `grid_count` captions) and samples.png (`rows`: `grid_count` images per way)."""
+    first `grid_count` captions) and samples.png (`rows`: `grid_count` images per way); with
+    `dpg` ({way: its toy DPG-Bench scores.json}), a DPG column and a table of its L1
+    categories, and `dpg_dir` copied to dpg_bench/."""
     # Whether a caption states an attribute does not depend on the image.
     blank = [score(np.zeros((32, 32, 3), np.uint8), text) for text in captions]
     stated = {a: sum(r[a] is not None for r in blank) for a in ATTRIBUTES}
+    dpg = dpg or {}
+    dpg_column = " toy DPG-Bench |" if dpg else ""
     table = [
-        "| captions stating it | " + " | ".join(f"{a} ({stated[a]})" for a in ATTRIBUTES) + " |",
-        "|" + " --- |" * (len(ATTRIBUTES) + 1),
+        "| captions stating it | "
+        + " | ".join(f"{a} ({stated[a]})" for a in ATTRIBUTES)
+        + f" |{dpg_column}",
+        "|" + " --- |" * (len(ATTRIBUTES) + 1 + bool(dpg)),
     ]
     for way, accuracy in scores.items():
         cells = ("-" if np.isnan(accuracy[a]) else f"{accuracy[a]:.2f}" for a in ATTRIBUTES)
-        table.append(f"| {way} | " + " | ".join(cells) + " |")
+        extra = f" {dpg[way]['score']:.1f} |" if way in dpg else ""
+        table.append(f"| {way} | " + " | ".join(cells) + f" |{extra}")
+    if dpg:
+        categories = list(next(iter(dpg.values()))["l1"])
+        table += ["", "| toy DPG-Bench, L1 | " + " | ".join(categories) + " | score |"]
+        table.append("|" + " --- |" * (len(categories) + 2))
+        for way, summary in dpg.items():
+            cells = " | ".join(f"{summary['l1'][c]:.1f}" for c in categories)
+            table.append(f"| {way} | {cells} | {summary['score']:.1f} |")
     with atomic_path(out, overwrite=True) as staging:
         staging.mkdir()
         readable = {
@@ -143,6 +199,13 @@ def report(
             for way, accuracy in scores.items()
         }
         summary = {**settings, "captions_stating": stated, "scores": readable}
+        if dpg:
+            summary["dpg_bench"] = {
+                way: {k: v[k] for k in ("score", "l1", "l2", "l1_adjusted", "l2_adjusted")}
+                for way, v in dpg.items()
+            }
+        if dpg_dir is not None and dpg:
+            shutil.copytree(dpg_dir, staging / "dpg_bench")
         (staging / "scores.json").write_text(json.dumps(summary, indent=2))
         (staging / "scores.md").write_text("\n".join(table) + "\n")
         (staging / "captions.txt").write_text("\n".join(captions[:grid_count]) + "\n")
@@ -165,6 +228,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance")
     parser.add_argument("--grid", type=int, default=12, help="captions shown in samples.png")
     parser.add_argument(
+        "--dpg-count", type=int, default=64, help="toy DPG-Bench prompts (0: none; default: 64)"
+    )
+    parser.add_argument(
         "--token-length",
         choices=("fixed", "flexible"),
         help="T5 tokens the connector sees: fixed 128 unmasked, or each caption's own (default: "
@@ -181,6 +247,7 @@ def main() -> None:
             args.guidance,
             args.grid,
             args.token_length,
+            args.dpg_count,
         )
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None

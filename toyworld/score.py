@@ -110,8 +110,9 @@ def find_objects(image: np.ndarray) -> list[Found]:
     return sorted(found, key=lambda f: -f.area)
 
 
-def _match(objects: list[Found], wanted: Required) -> Found | None:
-    """The largest object of the wanted colour and shape, else of the wanted colour."""
+def match_object(objects: list[Found], wanted: Required) -> Found | None:
+    """The object read as a caption's `wanted` one: the largest of the wanted colour and shape,
+    else of the wanted colour."""
     for candidates in (
         [o for o in objects if o.colour == wanted.colour and o.shape == wanted.shape],
         [o for o in objects if o.colour == wanted.colour],
@@ -121,7 +122,8 @@ def _match(objects: list[Found], wanted: Required) -> Found | None:
     return None
 
 
-def _related(a: Found | None, b: Found | None, relation: str) -> bool:
+def related(a: Found | None, b: Found | None, relation: str) -> bool:
+    """Whether found object `a` is `relation` ("left", "right", "above", "below") of `b`."""
     if a is None or b is None:
         return False
     return {
@@ -157,14 +159,14 @@ def score(image: np.ndarray, caption: str) -> dict[str, bool | None]:
         )
     placed = [w for w in wanted if w.position is not None]
     if placed:
-        matches = [(_match(objects, w), w.position) for w in placed]
+        matches = [(match_object(objects, w), w.position) for w in placed]
         result["position"] = all(
             o is not None and cell_of(o.cx * 3 / width, o.cy * 3 / height, 3) == cell
             for o, cell in matches
         )
     if spec.relation is not None:
-        first, second = (_match(objects, w) for w in wanted)
-        result["relation"] = _related(first, second, spec.relation)
+        first, second = (match_object(objects, w) for w in wanted)
+        result["relation"] = related(first, second, spec.relation)
     result["all"] = all(v for v in result.values() if v is not None)
     return result
 
