@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: trains ELLA on the toy world (configs/toy.py) on the CPU,
-# into out/toy, then scores what the frozen toy UNet draws for held-out captions (out/toy/eval).
+# into out/toy, then scores what the frozen toy UNet draws for held-out captions, with the toy
+# DPG-Bench among the scores (out/toy/eval).
 # The training scenes (out/toy-data) and their frozen VAE latents and T5 features
 # (out/toy-features) are made once. Rerunning resumes the training; extra arguments are config
 # overrides for train.precompute and train.main (e.g. --config.total_steps=200); train.main

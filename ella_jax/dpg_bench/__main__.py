@@ -29,7 +29,7 @@ folder scored and those that fail skipped.
 
 --vqa MODULE:FUNCTION names FUNCTION(images: list[PIL.Image], questions: list[str]) -> list[str]
 (MODULE a module or a .py file), called with up to --batch-size pairs; a folder instead is a
-Hugging Face VQA model (BLIP, ViLT; the `eval` extra). ella_jax.dpg_bench.mplug:answer is
+Hugging Face VQA model (BLIP, ViLT: the `eval` extra). ella_jax.dpg_bench.mplug:answer is
 modelscope's mPLUG-large, the paper's. An answer counts when it is exactly "yes".
 
 Errors print one line and exit with status 2.

@@ -248,7 +248,8 @@ def evaluate(
         mine = tasks if shard is None else tasks[shard[0] :: shard[1]]
         log = AnswerLog(answers_path(out, shard))
         asked = ask(mine, images, boxes, vqa, vqa_name, known, log, batch_size, progress)
-        print(f"asked {asked} questions ({len(known)} answers in {out})")
+        if progress:
+            print(f"asked {asked} questions ({len(known)} answers in {out})")
         if shard is not None:
             return None
         known_vqa = vqa_name
