@@ -53,7 +53,9 @@ def draw(
     token_length: Literal["fixed", "flexible"],
     batch: int = 64,
 ) -> np.ndarray:
-    """(N, 32, 32, 3) uint8 images for `captions`, in batches of `batch` (one compiled shape)."""
+    """(N, 32, 32, 3) uint8 images for `captions`, in batches of `batch` (one compiled shape;
+    fewer captions: one batch of them)."""
+    batch = min(batch, len(captions))
     images = []
     for start in range(0, len(captions), batch):
         part = captions[start : start + batch]
