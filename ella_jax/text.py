@@ -1,4 +1,5 @@
-"""Tokenization for the text encoders (T5 for ELLA, CLIP for Stable Diffusion).
+"""Tokenization for the text models (T5 or a decoder-only LLM for ELLA, CLIP for Stable
+Diffusion).
 
 Tokenizers are transformers' (the only run-time use of transformers), read from local files
 (a bucket's are downloaded first).
@@ -25,9 +26,15 @@ def load_tokenizer(folder: str | os.PathLike):
         raise CheckpointError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         with storage.local_copy(folder, TOKENIZER_FILES + MORE_TOKENIZER_FILES) as local:
-            return AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken folder
         raise CheckpointError(f"{folder}: cannot load the tokenizer ({e})") from None
+    # Decoder-only LLMs' tokenizers often have no padding token (Llama, Mistral) or pad on the
+    # left: the models here read right-padded batches, the padding masked.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def tokenize(
