@@ -1,5 +1,6 @@
 """The backbones' real configs, as their `config.json` files hold them (SD 1.5's UNet and VAE,
-flan-t5-xl's encoder), for the benchmarks that build them with random weights; no torch needed."""
+flan-t5-xl's encoder, TinyLlama-1.1B), for the benchmarks that build them with random weights;
+no torch needed."""
 
 SD15_UNET = {
     "sample_size": 64,
@@ -28,6 +29,21 @@ FLAN_T5_XL = {
     "layer_norm_epsilon": 1e-6,
     "is_encoder_decoder": False,
     "use_cache": False,
+}
+# TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T (the paper's TinyLlama ablation's model).
+TINYLLAMA = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
 }
 SD15_VAE = {
     "in_channels": 3,

@@ -1,6 +1,6 @@
 """The frozen backbones at their real sizes with random weights: Flax ports against PyTorch.
 
-    .venv/bin/python -m bench.real_size_backbones [--only unet|t5|vae] [--repeats 3]
+    .venv/bin/python -m bench.real_size_backbones [--only unet|t5|llm|vae] [--repeats 3]
 
 Each check builds the reference (diffusers / transformers) from the real config with random
 weights, runs it, saves it with `save_pretrained` to a temporary folder and frees it, then loads
@@ -10,6 +10,8 @@ the folder with this project's loader and runs the jitted port on the same input
           context (2, 77, 768)
     t5    flan-t5-xl encoder (~1.2B parameters, 4.9 GB in float32): 2 x 16 token ids, the second
           with 9 real tokens; compared on the real tokens
+    llm   TinyLlama-1.1B (Llama, grouped-query attention; 4.4 GB in float32): the same token
+          layout, hidden states 11 and 22 (the last, after the final norm) on the real tokens
     vae   SD 1.5 VAE (~84M parameters): decode (1, 8, 8, 4) -> (1, 64, 64, 3), encode
           (1, 64, 64, 3) -> mean, logvar
 
@@ -33,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE
+from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE, TINYLLAMA
 from bench.timing import median_seconds
 from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.llm import load_llm
 from ella_jax.weights.t5 import load_t5_encoder
 
 TOLERANCE = 1e-4
@@ -237,9 +240,73 @@ def check_vae(repeats: int) -> list[float]:
     return errors
 
 
+LLM_LAYERS = (11, 22)
+
+
+def reference_llm(
+    folder: str, input_ids: np.ndarray, mask: np.ndarray, repeats: int
+) -> tuple[list[np.ndarray], float, float]:
+    """transformers' LlamaModel at TinyLlama's shapes with random weights (norm scales
+    perturbed), saved to `folder`: its hidden states LLM_LAYERS, its median forward seconds and
+    its billions of parameters; freed on return, as the T5's."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    reference = LlamaModel(LlamaConfig(**TINYLLAMA)).eval()
+    perturb_(reference, seed=1, constant_only=True)
+    ids, attention_mask = torch.from_numpy(input_ids), torch.from_numpy(mask)
+    with torch.inference_mode():
+        run = lambda: reference(  # noqa: E731
+            input_ids=ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        hidden = run().hidden_states
+        expected = [hidden[k].numpy().copy() for k in LLM_LAYERS]
+        torch_s = median_seconds(run, repeats)
+    reference.save_pretrained(folder, safe_serialization=True)
+    return expected, torch_s, count_parameters(reference) / 1e9
+
+
+def check_llm(repeats: int) -> list[float]:
+    length, real = 16, (16, 9)
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(3, TINYLLAMA["vocab_size"], (2, length)).astype(np.int64)
+    mask = (np.arange(length)[None, :] < np.array(real)[:, None]).astype(np.int64)
+    input_ids[mask == 0] = 2  # Llama's end token pads
+
+    with tempfile.TemporaryDirectory(prefix="llm.") as folder:
+        expected, torch_s, billions = reference_llm(folder, input_ids, mask, repeats)
+        gc.collect()
+        model, params = load_llm(folder)
+
+    inputs = (jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    real_tokens = mask.astype(bool)
+    errors, seconds = [], []
+    for layer, reference in zip(LLM_LAYERS, expected, strict=True):
+        forward = jax.jit(lambda p, ids, m, layer=layer: model.apply(p, ids, m, layer=layer))
+        start = time.perf_counter()
+        compiled = forward.lower({"params": params}, *inputs).compile()
+        compile_s = time.perf_counter() - start
+        ours = np.asarray(compiled({"params": params}, *inputs))
+        errors.append(relative_error(ours[real_tokens], reference[real_tokens]))
+        seconds.append(
+            median_seconds(
+                lambda c=compiled: c({"params": params}, *inputs).block_until_ready(), repeats
+            )
+        )
+    print(
+        f"llm   TinyLlama-1.1B shapes ({billions:.2f}B), B=2 x {length} tokens ({real[0]} and "
+        f"{real[1]} real): rel err layer {LLM_LAYERS[0]} {errors[0]:.2e}, layer "
+        f"{LLM_LAYERS[1]} {errors[1]:.2e} | {timing(seconds[1], torch_s)} "
+        f"(JAX compile {compile_s:.0f} s; up to layer {LLM_LAYERS[0]}: {1e3 * seconds[0]:.1f} ms)",
+        flush=True,
+    )
+    return errors
+
+
 CHECKS: dict[str, Callable[[int], list[float]]] = {
     "unet": check_unet,
     "t5": check_t5,
+    "llm": check_llm,
     "vae": check_vae,
 }
 

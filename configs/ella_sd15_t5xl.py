@@ -10,11 +10,14 @@ inference), [ip-adapter] (the trainer the authors said theirs derives from), or 
 
 import ml_collections
 
+from train.text_encoder import text_encoder_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.sd = ""  # [ours] required: the SD 1.5 diffusers folder
     c.t5 = ""  # [ours] required: the flan-t5-xl folder
+    c.text_encoder = text_encoder_config()  # [ours] empty path / dtype: c.t5 / c.t5_dtype
     c.ella = ml_collections.ConfigDict(
         dict(time_channel=320, time_embed_dim=768, width=768, layers=6, heads=8, num_latents=64)
     )  # [release] shapes of ella-sd1.5-tsc-t5xl.safetensors; heads 8 [release code]

@@ -15,12 +15,17 @@ in the comments; the defaults fix the official code's bugs.
 
 import ml_collections
 
+from train.text_encoder import text_encoder_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "sur"
     c.sd = ""  # [ours] required: the SD 1.5 diffusers folder (text_encoder/, tokenizer/ used)
     c.t5 = ""  # [ours] the frozen LLM of train.precompute's vectors (official: LLaMA-13B [spec])
+    # Official: LLaMA-13B's hidden state after block 40 [spec]: --config.text_encoder.path=
+    # /models/llama-13b --config.text_encoder.layer=40 (empty path / dtype: c.t5 / c.t5_dtype).
+    c.text_encoder = text_encoder_config()
     c.sur = ml_collections.ConfigDict(
         dict(
             depth=2,  # [run.sh]
@@ -33,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
             lambda_cp=1e-5,  # [run.sh]
             temperature=1.0,  # [train]
             llm_vectors="",  # safetensors {caption: vector}; "": the precomputed folder's
+            llm_pooling="mean",  # [ours] mean of the real tokens, or "last" (release: unstated)
             init="",  # a SUR-adapter to start from ("": random, fc zero [adapter])
         )
     )

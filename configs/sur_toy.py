@@ -18,12 +18,15 @@ weights); the README's table names the overrides of the other rows.
 
 import ml_collections
 
+from train.text_encoder import text_encoder_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "sur"
     c.sd = "models/toy/sd"
     c.t5 = "models/toy/t5"  # the frozen "LLM" of train.precompute's vectors
+    c.text_encoder = text_encoder_config()  # empty path / dtype: c.t5 / c.t5_dtype
     c.sur = ml_collections.ConfigDict(
         dict(
             depth=2,
@@ -36,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
             lambda_cp=1e-5,  # official
             temperature=1.0,
             llm_vectors="",  # "": the precomputed folder's llm_vectors.safetensors
+            llm_pooling="mean",  # [ours] mean of the real tokens, or "last" (release: unstated)
             init="",
         )
     )

@@ -9,11 +9,15 @@ The frozen UNet and T5 are random (test fixtures), so samples are noise; the los
 
 import ml_collections
 
+from train.text_encoder import text_encoder_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.sd = "tests/fixtures/reference/sd"  # diffusers folder: unet/, vae/, scheduler/, text_encoder/
     c.t5 = "tests/fixtures/reference/t5"  # Hugging Face T5 folder
+    # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (train/text_encoder.py).
+    c.text_encoder = text_encoder_config()
     c.ella = ml_collections.ConfigDict(
         dict(time_channel=32, time_embed_dim=64, width=64, layers=2, heads=4, num_latents=16)
     )  # input_dim is the T5's d_model; width must be the UNet's cross_attention_dim

@@ -16,11 +16,15 @@ what the UNet draws for held-out captions. About 14 minutes on 2 cores (9.5 of t
 
 import ml_collections
 
+from train.text_encoder import text_encoder_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.sd = "models/toy/sd"  # diffusers folder: unet/, vae/, scheduler/ (+ text_encoder/)
     c.t5 = "models/toy/t5"  # Hugging Face T5 folder (random weights: the frozen "LLM")
+    # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (train/text_encoder.py).
+    c.text_encoder = text_encoder_config()
     c.ella = ml_collections.ConfigDict(
         dict(time_channel=64, time_embed_dim=128, width=128, layers=2, heads=4, num_latents=32)
     )  # width = the toy UNet's cross_attention_dim

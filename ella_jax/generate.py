@@ -192,6 +192,7 @@ class Renderer:
             dtype=args.dtype,
             sd=str(args.sd),
             t5=str(args.t5),
+            text_layer=args.text_layer,
             ella=str(args.ella),
             ella_heads=args.ella_heads,
             sur=str(args.sur),
@@ -335,6 +336,7 @@ def _run(args: argparse.Namespace) -> str:
         scheduler=args.scheduler,
         sur=args.sur,
         sur_mode=args.sur_mode,
+        text_layer=args.text_layer,
     )
     if args.mode == "sur" and pipe.modules["sur"].attend == "batch" and args.batch_size > 1:
         print("the SUR-adapter attends over the batch (official): one prompt per batch")
@@ -364,7 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=storage.path,
         default=None,
         metavar="DIR",
-        help="Hugging Face T5 folder (flan-t5-xl); needed by the ELLA modes",
+        help="ELLA's text model: a Hugging Face T5 folder (flan-t5-xl) or decoder-only LLM "
+        "folder (Llama, Mistral, Qwen2); needed by the ELLA modes",
+    )
+    models.add_argument(
+        "--text-layer",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the LLM's hidden-state entry the connector was trained on (transformers' "
+        "numbering; default: the last hidden state, as config.text_encoder.layer unset)",
     )
     models.add_argument(
         "--ella",

@@ -20,8 +20,8 @@ from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import load_ella
 from ella_jax.weights.sur import load_sur_adapter
-from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import CheckpointError, read_config
+from ella_jax.weights.text_model import load_text_model
 
 FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
 Mode = Literal["ella", "ella+clip", "clip", "sur"]
@@ -49,8 +49,8 @@ class ELLAPipeline:
         if mesh is not None:
             params = jax.device_put(params, param_shardings(params, mesh))
         self.params = params
-        t5, clip, vae = modules.get("t5"), modules["clip"], modules["vae"]
-        self._t5 = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
+        text, clip, vae = modules.get("t5"), modules["clip"], modules["vae"]
+        self._t5 = jax.jit(lambda p, ids, mask: text(p, ids, mask))
         self._clip = jax.jit(lambda p, ids: clip.apply({"params": p}, ids)[0])
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
         unet, ella, adapter = modules["unet"], modules.get("ella"), modules.get("sur")
@@ -79,10 +79,13 @@ class ELLAPipeline:
         mesh: Mesh | None = None,
         sur: str | os.PathLike | None = None,
         sur_mode: Literal["official", "fixed"] | None = None,
+        text_layer: int | None = None,
     ) -> "ELLAPipeline":
-        """sd: a diffusers Stable Diffusion folder; t5: a Hugging Face T5 folder (flan-t5-xl);
+        """sd: a diffusers Stable Diffusion folder; t5: ELLA's text model, a Hugging Face T5
+        folder (flan-t5-xl) or decoder-only LLM folder (Llama, Mistral, Qwen2; `text_layer`: the
+        hidden-state entry its connector was trained on, None: the last), `modules["t5"]` then;
         ella: an official ELLA .safetensors or a converted directory (`ella_heads` as in
-        `load_ella`); ELLA needs the T5. sur: a SUR-adapter (`load_sur_adapter`, `sur_mode`
+        `load_ella`); ELLA needs the text model. sur: a SUR-adapter (`load_sur_adapter`, `sur_mode`
         "official": its encoder attends over the batch, as released; "fixed": over tokens;
         None: as the file stores, else official).
         `dtype` is the UNet, VAE, CLIP, ELLA and SUR compute and parameter dtype; `t5_dtype`
@@ -99,9 +102,9 @@ class ELLAPipeline:
         params = dict(unet=unet_params, vae=vae_params, clip=clip_params)
         tokenizers = dict(clip=load_tokenizer(sd / "tokenizer"))
         if ella is not None and t5 is None:
-            raise ValueError(f"{ella}: ELLA reads T5 features: give the T5 folder (t5=)")
+            raise ValueError(f"{ella}: ELLA reads text features: give the T5 or LLM folder (t5=)")
         if t5 is not None:
-            modules["t5"], params["t5"] = load_t5_encoder(t5, t5_dtype)
+            modules["t5"], params["t5"] = load_text_model(t5, t5_dtype, text_layer)
             tokenizers["t5"] = load_tokenizer(t5)
         adapters = [("ella", ella, load_ella, dict(heads=ella_heads))]
         adapters.append(("sur", sur, load_sur_adapter, dict(mode=sur_mode)))
@@ -109,6 +112,11 @@ class ELLAPipeline:
             if path is None:
                 continue
             modules[name], params[name] = load(path, **options, dtype=dtype, param_dtype=dtype)
+            if name == "ella" and modules["ella"].input_dim != modules["t5"].width:
+                raise CheckpointError(
+                    f"{path}: ELLA reads features of width {modules['ella'].input_dim}, but "
+                    f"{t5} gives {modules['t5'].width}"
+                )
             if modules[name].width != unet.config.cross_attention_dim:
                 raise CheckpointError(
                     f"{path}: {name} width {modules[name].width} is not the UNet's "
@@ -123,7 +131,7 @@ class ELLAPipeline:
     def encode_prompt(
         self, prompts: list[str] | str, token_length: Literal["fixed", "flexible"] = "fixed"
     ) -> tuple[jax.Array, np.ndarray]:
-        """T5 features (B, L, d_model) and token mask (B, L) bool. "fixed": padded and truncated
+        """Text features (B, L, width) and token mask (B, L) bool. "fixed": padded and truncated
         to 128 tokens (the connector sees all of them, as in the reference); "flexible": each
         prompt's own tokens, the batch padded and the padding masked."""
         if token_length not in ("fixed", "flexible"):

@@ -2,7 +2,9 @@
 and the paths of the reference fixtures (computed by the PyTorch references, see
 fixtures/README.md)."""
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 # The tiny models run in no time; compiling them is the suite's cost. LLVM at -O0, XLA:CPU's
@@ -49,6 +51,19 @@ def pytest_collection_modifyitems(items: list) -> None:
         return len(FIRST) + 1 if name in LAST else len(FIRST)
 
     items.sort(key=rank)  # stable: the order within a module is kept
+
+
+def tiny_llm_folder(folder: Path, family: str = "llama") -> Path:
+    """A Hugging Face LLM folder to train with: the fixture's random `family` model and a
+    tokenizer of its vocabulary (the fixture T5's) without a padding token, as Llama's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(REFERENCE / "llm" / family / name, folder / name)
+    shutil.copy(REFERENCE / "t5" / "tokenizer.json", folder / "tokenizer.json")
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>",
+                "unk_token": "<unk>", "backend": "tokenizers"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return folder
 
 
 def relative_error(actual, expected) -> float:
@@ -138,17 +153,17 @@ def train_step_setup(config, source, resolution: int):
     from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
     from ella_jax.text import load_tokenizer, tokenize
     from ella_jax.weights.diffusers import load_unet, load_vae
-    from ella_jax.weights.t5 import load_t5_encoder
     from ella_jax.weights.tensors import read_config
+    from ella_jax.weights.text_model import load_text_model
     from train import data
     from train.step import Models, StepConfig, init_state, make_train_step
 
     sd = ROOT / config.sd
-    t5, t5_params = load_t5_encoder(ROOT / config.t5, config.t5_dtype)
+    text_model, text_params = load_text_model(ROOT / config.t5, config.t5_dtype)
     vae, vae_params = load_vae(sd / "vae", config.dtype)
     unet, unet_params = load_unet(sd / "unet", config.dtype)
     scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
-    ella = ELLA(**config.ella, input_dim=t5.config.d_model)
+    ella = ELLA(**config.ella, input_dim=text_model.width)
     features = jnp.zeros((1, 1, ella.input_dim))
     params = ella.init(jax.random.key(0), features, jnp.zeros((1,)))["params"]
     ella = ella.clone(dtype=config.dtype, param_dtype=jnp.float32)
@@ -159,14 +174,14 @@ def train_step_setup(config, source, resolution: int):
     step_config = StepConfig(
         "epsilon", vae.config.scaling_factor, 0.0, 0.9, 0.0, config.mask_padding
     )
-    models = Models(t5, vae, unet, ella)
+    models = Models(text_model, vae, unet, ella)
     acp = jnp.asarray(alphas_cumprod(scheduler))
 
     def make_step(optimizer):
         step = make_train_step(models, optimizer, acp, step_config)
         return step, init_state(params, optimizer, seed=0)
 
-    frozen = {"t5": t5_params, "vae": vae_params, "unet": unet_params}
+    frozen = {"text": text_params, "vae": vae_params, "unet": unet_params}
     return make_step, frozen, batch
 
 

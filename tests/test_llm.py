@@ -4,14 +4,26 @@ right-padded batch, and Llama folders built here with transformers' PyTorch clas
 checkpoints in shards, the older config keys, linear and dynamic RoPE, attention and MLP biases."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REFERENCE, relative_error
+from conftest import (
+    REFERENCE,
+    ROOT,
+    project_config,
+    read_tensors,
+    relative_error,
+    subprocess_env,
+    tiny_config,
+    tiny_llm_folder,
+)
 
 from ella_jax.weights.llm import load_llm
 from ella_jax.weights.tensors import CheckpointError
+from train.trainer import ConfigError, check_config
 
 LLM = REFERENCE / "llm"
 
@@ -123,3 +135,91 @@ def test_bfloat16_stays_near_float32():
     model, params = load_llm(LLM / "llama", dtype="bfloat16")
     out = np.asarray(model.apply({"params": params}, ids, mask), np.float32)
     assert relative_error(real(out, mask), real(io["hidden_3"], mask)) < 3e-2
+
+
+def test_tiny_run_trains_ella_on_an_llm(tmp_path):
+    """`python -m train.main --config configs/tiny.py --config.text_encoder.kind=llm
+    --config.text_encoder.path=...` on the fixture Llama at layer 2: the connector reads the
+    LLM's width; its export renders through `generate --t5 LLM --text-layer 2`; a layer the
+    LLM does not have, or a T5 folder said to be an LLM, is one error line naming the key."""
+    from ella_jax import load_ella
+    from ella_jax.generate import main as generate
+
+    llm = tiny_llm_folder(tmp_path / "llm")
+    workdir = tmp_path / "run"
+    base = [sys.executable, "-m", "train.main", "--config", "configs/tiny.py",
+            f"--workdir={workdir}", "--config.text_encoder.kind=llm",
+            f"--config.text_encoder.path={llm}"]  # fmt: skip
+    steps = ["--config.total_steps=4", "--config.checkpoint_every=4", "--config.sample_every=4",
+             "--config.log_every=2", "--config.text_encoder.layer=2"]  # fmt: skip
+    run = subprocess.run([*base, *steps], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    model, _ = load_ella(workdir / "ella.safetensors")
+    assert model.input_dim == 96
+    assert list((workdir / "samples").glob("*.png"))
+    saved = json.loads((workdir / "config.json").read_text())["text_encoder"]
+    assert (saved["kind"], saved["layer"]) == ("llm", 2)
+    argv = ["--sd", str(REFERENCE / "sd"), "--t5", str(llm), "--text-layer", "2", "--ella",
+            str(workdir / "ella.safetensors"), "--size", "16", "--steps", "2", "--prompt",
+            "a red square", "--out", str(tmp_path / "images")]  # fmt: skip
+    assert generate(argv) == 0 and (tmp_path / "images" / "0_a-red-square.png").is_file()
+
+    config = tiny_config()
+    for change, named in (
+        ({"path": str(llm), "layer": 9}, "config.text_encoder.layer=9, but"),
+        ({"path": str(REFERENCE / "t5"), "kind": "llm"}, "config.text_encoder.kind='llm', but"),
+        ({"path": str(llm), "kind": "gpt"}, "config.text_encoder.kind='gpt': use one of"),
+    ):
+        config.text_encoder.update(change)
+        with pytest.raises(ConfigError, match=named):
+            check_config(config)
+        config.text_encoder.update(kind="", layer=None)
+
+
+def test_toy_llm_is_a_transformers_llama_and_rewrites_the_same():
+    """models/toy/llm: transformers loads it and computes what the port computes; its tokenizer
+    starts with <s> and pads with the end token on the right."""
+    import torch
+    from transformers import LlamaModel
+
+    from ella_jax.text import load_tokenizer, tokenize
+
+    toy = ROOT / "models" / "toy" / "llm"
+    tokenizer = load_tokenizer(toy)
+    ids, mask = tokenize(tokenizer, ["a red square to the left of a blue circle", "one"], None)
+    assert ids[0, 0] == ids[1, 0] == tokenizer.bos_token_id and mask[1].sum() == 2
+    reference = LlamaModel.from_pretrained(toy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(
+            torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+        ).last_hidden_state.numpy()
+    model, params = load_llm(toy)
+    out = model.apply({"params": params}, ids, mask)
+    assert relative_error(real(out, mask), real(expected, mask)) < 1e-5
+
+
+def test_rewriting_the_toy_llm_gives_the_same_files(tmp_path):
+    from toyworld.toy_llm import write_toy_llm
+
+    write_toy_llm(ROOT / "models" / "toy" / "t5", tmp_path / "llm")
+    shipped = ROOT / "models" / "toy" / "llm"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "llm" / name).read_bytes() == (shipped / name).read_bytes(), name
+    # The random initialisation's last float32 bits follow XLA's compile options (the tests'
+    # differ from the command line's): equal to float16's precision.
+    again = read_tensors(tmp_path / "llm" / "model.safetensors")
+    for name, tensor in read_tensors(shipped / "model.safetensors").items():
+        np.testing.assert_allclose(again[name], tensor, rtol=2e-3, atol=1e-4, err_msg=name)
+
+
+def test_tinyllama_config_is_the_t5_recipe_on_an_llm():
+    from train.text_encoder import text_encoder
+
+    config, paper = project_config("ella_sd15_tinyllama"), project_config("ella_sd15_t5xl")
+    config.text_encoder.path = str(LLM / "llama")
+    encoder = text_encoder(config)
+    assert (encoder.kind, encoder.layer, encoder.dtype) == ("llm", None, "float16")
+    assert {k: v for k, v in config.items() if k != "text_encoder"} == {
+        k: v for k, v in paper.items() if k != "text_encoder"
+    }

@@ -140,7 +140,7 @@ def test_the_papers_dtypes_give_the_float32_step(toy_setup):
     low_setup = train_step_setup(
         project_config("toy", dtype="bfloat16", t5_dtype="float16"), SCENES, resolution=32
     )
-    assert {str(a.dtype) for a in jax.tree.leaves(low_setup[1]["t5"])} == {"float16"}
+    assert {str(a.dtype) for a in jax.tree.leaves(low_setup[1]["text"])} == {"float16"}
     assert {str(a.dtype) for a in jax.tree.leaves(low_setup[1]["unet"])} == {"bfloat16"}
     expected_loss, expected = sgd_update(toy_setup)()
     low_update = sgd_update(low_setup)

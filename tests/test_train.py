@@ -382,7 +382,9 @@ def test_precomputed_features_of_another_t5_are_refused(tmp_path):
     np.savez(tmp_path / data.EMPTY_CAPTION_FILE, t5_features=np.zeros((128, 32), np.float16))
     config = tiny_config()
     config.data.update(source="precomputed", path=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"T5 features of width 32, but config.t5=.* d_model=96"):
+    with pytest.raises(
+        ConfigError, match=r"text features of width 32, but config.t5=.* has width 96"
+    ):
         check_config(config)
 
 

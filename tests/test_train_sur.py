@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import REFERENCE, ROOT, project_config, read_metrics, read_tensors
+from conftest import REFERENCE, ROOT, project_config, read_metrics, read_tensors, tiny_llm_folder
 
 from convert.__main__ import main as convert_main
 from ella_jax import load_sur_adapter
@@ -221,3 +221,33 @@ def test_a_record_without_a_complex_caption_is_named(sur_data, tmp_path):
     config.data.path = str(tmp_path / "plain.jsonl")
     with pytest.raises(ValueError, match="has no 'complex' caption"):
         train(config, tmp_path / "w")
+
+
+def test_precompute_pools_an_llm_layer_into_the_vectors(sur_data, tmp_path):
+    """A SUR config on a decoder-only LLM: llm_vectors.safetensors holds, per caption, the LLM's
+    hidden state at config.text_encoder.layer on the caption's last real token
+    (sur.llm_pooling="last"), as transformers' LlamaModel computes it."""
+    import torch
+    from transformers import LlamaModel
+
+    from ella_jax.text import load_tokenizer
+    from train.precompute import precompute
+
+    llm = tiny_llm_folder(tmp_path / "llm")
+    config = sur_config(sur_data, llm_pooling="last")
+    config.text_encoder.update(path=str(llm), layer=2, dtype="float32")  # the recipe: float16
+    summary = precompute(config, tmp_path / "features")
+    assert (summary["text_kind"], summary["text_layer"], summary["llm_pooling"]) == (
+        "llm",
+        2,
+        "last",
+    )
+    vectors = read_tensors(tmp_path / "features" / "llm_vectors.safetensors")
+    tokenizer = load_tokenizer(llm)
+    reference = LlamaModel.from_pretrained(llm).eval()
+    for caption in ["", *sorted(vectors)[1:4]]:
+        ids = torch.tensor([tokenizer(caption)["input_ids"]])
+        with torch.no_grad():
+            hidden = reference(ids, output_hidden_states=True).hidden_states[2][0, -1].numpy()
+        assert vectors[caption].shape == (96,)
+        np.testing.assert_allclose(vectors[caption], hidden, rtol=1e-5, atol=1e-5)

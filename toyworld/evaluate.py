@@ -7,6 +7,9 @@
 - "untrained ELLA": the connector of WORKDIR/ella_config.json at its random initialisation;
 - "trained ELLA": WORKDIR/ella.safetensors, as train.main exported it.
 
+The connectors read the run's text model (WORKDIR/config.json's text_encoder: the toy T5 unless
+it names another, such as models/toy/llm).
+
 The captions are those of `--count` scenes drawn with `--seed` (the training data uses other
 seeds). The connector reads the T5 tokens as it was trained to (WORKDIR/config.json): each
 caption's own tokens when it masked the padding, else the reference's fixed 128.
@@ -106,11 +109,19 @@ def evaluate(
     # The official file does not hold the head count; train.main writes it beside, and the
     # run's config, whose mask_padding says how the connector read the T5 tokens.
     heads = read_json(workdir / "ella_config.json")["heads"]
+    run = workdir / RUN_CONFIG_FILE
+    saved = read_json(run) if run.is_file() else {}
     if token_length is None:
-        run = workdir / RUN_CONFIG_FILE
-        masked = run.is_file() and read_json(run).get("mask_padding", False)
-        token_length = "flexible" if masked else "fixed"
-    trained = ELLAPipeline.from_pretrained(models / "sd", models / "t5", checkpoint, heads)
+        token_length = "flexible" if saved.get("mask_padding", False) else "fixed"
+    # The run's text model when it named one (config.text_encoder), else the toy T5.
+    text = saved.get("text_encoder") or {}
+    trained = ELLAPipeline.from_pretrained(
+        models / "sd",
+        text.get("path") or models / "t5",
+        checkpoint,
+        heads,
+        text_layer=text.get("layer"),
+    )
     pipelines = {
         "toy SD": (trained, "clip"),
         "untrained ELLA": (untrained(trained, seed), "ella"),

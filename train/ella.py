@@ -1,5 +1,6 @@
-"""ELLA's part of a training run (config.method = "ella", the default): the frozen T5, the
-connector, the batch's text fields, the samples and the export. `train.trainer` runs it."""
+"""ELLA's part of a training run (config.method = "ella", the default): the frozen text model
+(a T5 or a decoder-only LLM, `train.text_encoder`), the connector, the batch's text fields, the
+samples and the export. `train.trainer` runs it."""
 
 from typing import Any
 
@@ -12,7 +13,7 @@ from etils import epath
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.sampling import TextConditioning
-from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.text import tokenize
 from ella_jax.weights.ella import (
     CONFIG_KEYS,
     load_ella,
@@ -20,15 +21,16 @@ from ella_jax.weights.ella import (
     write_official,
     write_official_config,
 )
-from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import CheckpointError, read_json
+from ella_jax.weights.text_model import folder_width
 from train import data
 from train.errors import ConfigError
 from train.step import Conditioner, ella_conditioner
+from train.text_encoder import text_encoder
 
 
 class ELLARun:
-    """ELLA trained on the frozen T5's features of each caption (see `train.trainer`)."""
+    """ELLA trained on the frozen text model's features of each caption (`train.trainer`)."""
 
     export_name = "ella.safetensors"
 
@@ -36,11 +38,11 @@ class ELLARun:
         self.config = config
 
     def check(self, cross_attention_dim: int) -> None:
-        """Fails fast, naming the key: no T5 folder, an ELLA that does not fit the UNet or the
-        T5, an `ella_init` of another shape, precomputed features made otherwise."""
+        """Fails fast, naming the key: no text model folder, an ELLA that does not fit the
+        UNet or the text model, an `ella_init` of another shape, precomputed features made
+        otherwise."""
         config = self.config
-        if not config.t5 or not storage.reachable(config.t5).is_dir():
-            raise ConfigError(f"config.t5={config.t5!r} is not a model folder")
+        encoder = text_encoder(config)
         if config.ella.width != cross_attention_dim:
             raise ConfigError(
                 f"config.ella.width={config.ella.width} is not the UNet's cross_attention_dim "
@@ -50,14 +52,15 @@ class ELLARun:
             raise ConfigError(
                 f"config.ella.heads={config.ella.heads} does not divide width={config.ella.width}"
             )
-        d_model = read_json(storage.path(config.t5) / "config.json").get("d_model")
+        width = folder_width(encoder.path)
         if config.ella_init:
-            self._check_ella_init({**config.ella, "input_dim": d_model})
+            self._check_ella_init({**config.ella, "input_dim": width})
         if config.data.source == "precomputed":
-            self._check_precomputed(d_model)
+            self._check_precomputed(encoder, width)
 
     def _check_ella_init(self, wanted: dict) -> None:
-        """`config.ella_init` is an ELLA of the run's shape (its input_dim: the T5's d_model)."""
+        """`config.ella_init` is an ELLA of the run's shape (its input_dim: the text model's
+        width)."""
         config = self.config
         try:
             found, _ = read_ella(config.ella_init, config.ella.heads)
@@ -65,16 +68,16 @@ class ELLARun:
             raise ConfigError(f"config.ella_init={config.ella_init!r}: {e}") from None
         for key, value in wanted.items():
             if found[key] != value:
-                source = "the T5's d_model" if key == "input_dim" else f"config.ella.{key}"
+                source = "the text model's width" if key == "input_dim" else f"config.ella.{key}"
                 raise ConfigError(
                     f"config.ella_init={config.ella_init!r} has {key}={found[key]}, but the run "
                     f"needs {key}={value} ({source})"
                 )
 
-    def _check_precomputed(self, d_model: int) -> None:
+    def _check_precomputed(self, encoder, width: int) -> None:
         """The features in a `train.precompute` folder were made with this config's token
-        length, T5 dtype and a T5 of the config's width (the step would train on them as
-        they are)."""
+        length, text model dtype and layer, and a text model of its width (the step would
+        train on them as they are)."""
         config = self.config
         summary_path = storage.path(config.data.path) / "precompute.json"
         made = read_json(summary_path)  # there: checked by train.trainer.check_config
@@ -84,35 +87,39 @@ class ELLARun:
                 f"with token_length={made['token_length']!r}: rerun train.precompute with "
                 "this config"
             )
-        if "t5_dtype" in made and made["t5_dtype"] != str(config.t5_dtype):
+        if "t5_dtype" in made and made["t5_dtype"] != encoder.dtype:
             raise ConfigError(
-                f"config.t5_dtype={str(config.t5_dtype)!r}, but {summary_path} was made with "
+                f"the text model's dtype is {encoder.dtype!r}, but {summary_path} was made with "
                 f"t5_dtype={made['t5_dtype']!r}: rerun train.precompute with this config"
+            )
+        if made.get("text_layer") != encoder.layer:
+            raise ConfigError(
+                f"config.text_encoder.layer={encoder.layer}, but {summary_path} was made with "
+                f"layer {made.get('text_layer')}: rerun train.precompute with this config"
             )
         empty_path = storage.path(config.data.path) / data.EMPTY_CAPTION_FILE
         try:
-            width = data.read_empty_caption(config.data.path)["t5_features"].shape[-1]
+            found = data.read_empty_caption(config.data.path)["t5_features"].shape[-1]
         except (OSError, KeyError, ValueError) as e:
             raise ConfigError(f"{empty_path}: not readable ({e}); rerun train.precompute") from None
-        if width != d_model:
+        if found != width:
             raise ConfigError(
-                f"{config.data.path} holds T5 features of width {width}, but config.t5="
-                f"{config.t5!r} has d_model={d_model}: rerun train.precompute with this config"
+                f"{config.data.path} holds text features of width {found}, but {encoder.key}="
+                f"{encoder.path!r} has width {width}: rerun train.precompute with this config"
             )
 
     def load_frozen(self, workdir: epath.Path) -> dict:
-        """The frozen T5's params {"t5": ...}; builds the modules and the tokenizer."""
+        """The frozen text model's params {"text": ...}; builds the modules and the tokenizer."""
         config = self.config
-        self.t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
-        self.tokenizer = load_tokenizer(config.t5)
+        self.text_model, text_params, self.tokenizer = text_encoder(config).load()
         self.model = ELLA(
             **config.ella,
-            input_dim=self.t5.config.d_model,
+            input_dim=self.text_model.width,
             dtype=config.dtype,
             param_dtype=jnp.float32,
         )
         self.model_config = {k: getattr(self.model, k) for k in CONFIG_KEYS}
-        return {"t5": t5_params}
+        return {"text": text_params}
 
     def init_params(self) -> Any:
         """The connector's initial params (jittable): `ella_init`'s, or random from the seed."""
@@ -143,7 +150,7 @@ class ELLARun:
 
     def sample_conditioning(self) -> Any:
         """conditioning(frozen, params) -> (cond, uncond, sampler params beside the UNet's) for
-        config.sample_prompts (jittable): ELLA reads their T5 features at every step."""
+        config.sample_prompts (jittable): ELLA reads their text features at every step."""
         config = self.config
         n = len(config.sample_prompts)
         ids, mask = tokenize(
@@ -152,7 +159,7 @@ class ELLARun:
         ella_mask = mask if config.mask_padding else np.ones_like(mask)
 
         def conditioning(frozen, params):
-            features = self.t5.apply({"params": frozen["t5"]}, ids, mask)
+            features = self.text_model(frozen["text"], ids, mask)
             uncond = TextConditioning(features[:n], ella_mask[:n])
             cond = TextConditioning(features[n:], ella_mask[n:])
             return cond, uncond, {"ella": params}

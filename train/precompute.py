@@ -1,13 +1,15 @@
 """python -m train.precompute --config configs/X.py --out DIR [--config.key=value ...]
 
-Runs the frozen VAE encoder and T5 once over a config's data and writes what the train step would
-compute from them: ArrayRecord shards of {"latent_mean", "latent_logvar", "t5_features",
+Runs the frozen VAE encoder and text model (`config.text_encoder`: a T5 or a decoder-only LLM)
+once over a config's data and writes what the train step would compute from them: ArrayRecord
+shards of {"latent_mean", "latent_logvar", "t5_features" (the text model's, whichever it is),
 "token_mask", "caption"} (and "complex", a SUR-adapter record's complex caption) per image, and
 the empty caption's features (for caption dropout). Train from them with
 `--config.data.source=precomputed --config.data.path=DIR`: the step then runs only ELLA and the
 UNet, with the same numbers as the online path. For a SUR-adapter config (config.method="sur")
 it also writes `llm_vectors.safetensors`: one vector per caption (the empty one included), the
-frozen LLM's (config.t5's) last hidden state averaged over the caption's real tokens.
+text model's hidden state (at `config.text_encoder.layer`) pooled over the caption's real
+tokens: their mean, or the last one (`config.sur.llm_pooling` "mean" or "last").
 Unreadable images are left out and counted. DIR is written whole or not at all (staged locally,
 then uploaded when it is a gs:// or s3:// URI; training reads ArrayRecord shards from local
 disk).
@@ -26,35 +28,42 @@ from tqdm import tqdm
 
 from ella_jax import storage
 from ella_jax.storage import atomic_path
-from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.text import tokenize
 from ella_jax.weights.diffusers import load_vae
-from ella_jax.weights.t5 import load_t5_encoder
 from ella_jax.weights.tensors import write_safetensors
 from train import data
 from train.cli import parse_flags, run_command
+from train.errors import ConfigError
 from train.sur import LLM_VECTORS_FILE
+from train.text_encoder import text_encoder
+
+POOLINGS = ("mean", "last")
 
 
 def precompute(
     config: ConfigDict, out: str | os.PathLike, overwrite: bool = False, shard_size: int = 4096
 ) -> dict:
     """Writes the precomputed folder `out`; returns its summary (also in `out/precompute.json`)."""
-    t5, t5_params = load_t5_encoder(config.t5, config.t5_dtype)
+    sur = config.get("method", "ella") == "sur"
+    pooling = config.sur.get("llm_pooling", "mean") if sur else "mean"
+    if pooling not in POOLINGS:
+        raise ConfigError(f"config.sur.llm_pooling={pooling!r}: use one of {', '.join(POOLINGS)}")
+    encoder = text_encoder(config)
+    text_model, text_params, tokenizer = encoder.load()
     vae, vae_params = load_vae(storage.path(config.sd) / "vae", config.dtype)
-    tokenizer = load_tokenizer(config.t5)
     records = data.open_configured(config.data)
-    encode_text = jax.jit(lambda ids, mask: t5.apply({"params": t5_params}, ids, mask))
+    encode_text = jax.jit(lambda ids, mask: text_model(text_params, ids, mask))
     encode_image = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))
     batch = config.batch_size
     written = skipped = 0
-    pooled: dict[str, np.ndarray] = {}  # caption -> mean of its real tokens' features
+    pooled: dict[str, np.ndarray] = {}  # caption -> its real tokens' features, pooled
 
     with atomic_path(out, overwrite=overwrite) as staging:
         staging.mkdir()
         ids, mask = tokenize(tokenizer, [""], config.token_length)
         empty = np.asarray(encode_text(ids, mask))[0]
         np.savez(staging / data.EMPTY_CAPTION_FILE, t5_features=empty, token_mask=mask[0])
-        pooled[""] = _mean_over_tokens(empty, mask[0])
+        pooled[""] = pool_tokens(empty, mask[0], pooling)
         writer = None
         for start in tqdm(range(0, len(records), batch), desc="precompute", unit="batch"):
             indices = range(start, min(start + batch, len(records)))
@@ -88,7 +97,9 @@ def precompute(
                     caption=padded[i]["caption"],
                     **_complex(padded[i]),
                 )
-                pooled.setdefault(padded[i]["caption"], _mean_over_tokens(features[i], mask[i]))
+                caption = padded[i]["caption"]
+                if caption not in pooled:
+                    pooled[caption] = pool_tokens(features[i], mask[i], pooling)
                 writer.write(msgpack.packb(data.pack_arrays(fields)))
                 written += 1
         if writer is not None:
@@ -99,11 +110,13 @@ def precompute(
             source=f"{config.data.source}:{config.data.path}",
             resolution=config.data.resolution,
             token_length=config.token_length,
-            t5=str(config.t5),
+            t5=encoder.path,
             sd=str(config.sd),
-            t5_dtype=str(config.t5_dtype),
+            t5_dtype=encoder.dtype,
+            **encoder.summary(),
         )
-        if config.get("method", "ella") == "sur":
+        if sur:
+            summary["llm_pooling"] = pooling
             write_safetensors(pooled, staging / LLM_VECTORS_FILE)
         (staging / "precompute.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -116,10 +129,14 @@ def _complex(record) -> dict:
     return {"complex": record["complex"]} if "complex" in record else {}
 
 
-def _mean_over_tokens(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(T, D) features, (T,) mask -> (D,) float32, the mean over the real tokens."""
+def pool_tokens(features: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
+    """(T, D) features, (T,) mask (right padding) -> (D,) float32: the mean over the real
+    tokens, or the last real token's."""
+    features = features.astype(np.float32)
+    if pooling == "last":
+        return features[max(int(mask.sum()) - 1, 0)]
     weights = mask.astype(np.float32)[:, None]
-    return (features.astype(np.float32) * weights).sum(0) / max(weights.sum(), 1.0)
+    return (features * weights).sum(0) / max(weights.sum(), 1.0)
 
 
 if __name__ == "__main__":

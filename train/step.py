@@ -31,7 +31,7 @@ class TrainState:
 
 
 class Models(NamedTuple):
-    t5: nn.Module
+    text: Callable  # a TextModel (ella_jax.weights.text_model): (params, ids, mask) -> features
     vae: nn.Module
     unet: nn.Module
     ella: nn.Module
@@ -47,15 +47,14 @@ class Conditioner(NamedTuple):
 
 
 def ella_conditioner(models: "Models", mask_padding: bool) -> Conditioner:
-    """ELLA's: T5 features (precomputed, or the frozen T5 on the batch's tokens) and
+    """ELLA's: text features (precomputed, or the frozen text model on the batch's tokens) and
     ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`)."""
 
     def encode(frozen: dict, batch: dict) -> tuple[jax.Array, jax.Array | None]:
         if "t5_features" in batch:
             features = batch["t5_features"]
         else:
-            t5_params = {"params": frozen["t5"]}
-            features = models.t5.apply(t5_params, batch["input_ids"], batch["token_mask"])
+            features = models.text(frozen["text"], batch["input_ids"], batch["token_mask"])
         return features, batch["token_mask"] if mask_padding else None
 
     def condition(params, frozen, text, timesteps, rng):

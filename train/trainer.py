@@ -203,7 +203,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         mask_padding=config.get("mask_padding", False),
     )
     acp = jnp.asarray(alphas_cumprod(scheduler))
-    models = Models(getattr(method, "t5", None), vae, unet, method.model)
+    models = Models(getattr(method, "text_model", None), vae, unet, method.model)
     conditioner = method.conditioner(models)
     remat = models._replace(unet=unet.clone(remat=config.remat == "blocks"))
     train_step = make_train_step(remat, optimizer, acp, step_config, conditioner)
