@@ -24,6 +24,7 @@ Needs the test extra (torch, diffusers, transformers).
 """
 
 import argparse
+import functools
 import gc
 import sys
 import tempfile
@@ -71,6 +72,21 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def run_jitted(
+    apply: Callable, params: dict, inputs: tuple, repeats: int
+) -> tuple[np.ndarray, float, float]:
+    """(output, median seconds, compile seconds) of `jax.jit(apply)({"params": params}, *inputs)`,
+    compiled ahead of the timed calls."""
+    start = time.perf_counter()
+    compiled = jax.jit(apply).lower({"params": params}, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    ours = np.asarray(compiled({"params": params}, *inputs))
+    seconds = median_seconds(
+        lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats
+    )
+    return ours, seconds, compile_s
+
+
 def timing(jax_s: float, torch_s: float) -> str:
     return f"JAX jit {1e3 * jax_s:8.1f} ms, torch {1e3 * torch_s:8.1f} ms"
 
@@ -108,15 +124,8 @@ def check_unet(repeats: int) -> list[float]:
         gc.collect()
         model, params = load_unet(folder)
 
-    forward = jax.jit(model.apply)
     inputs = (jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context))
-    start = time.perf_counter()
-    compiled = forward.lower({"params": params}, *inputs).compile()
-    compile_s = time.perf_counter() - start
-    ours = np.asarray(compiled({"params": params}, *inputs))
-    jax_s = median_seconds(
-        lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats
-    )
+    ours, jax_s, compile_s = run_jitted(model.apply, params, inputs, repeats)
     error = relative_error(ours, expected)
     print(
         f"unet  SD 1.5 UNet ({millions:.0f}M), B=2 16x16 latents, 77 tokens: "
@@ -147,32 +156,34 @@ def reference_t5(
     return expected, torch_s, count_parameters(reference) / 1e9
 
 
-def check_t5(repeats: int) -> list[float]:
-    length, real = 16, (16, 9)
+TOKENS, REAL_TOKENS = 16, (16, 9)
+
+
+def padded_tokens(vocab_size: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 (2, TOKENS): random ids, the second row right-padded
+    with `pad` after REAL_TOKENS[1]."""
     rng = np.random.default_rng(0)
-    input_ids = rng.integers(1, FLAN_T5_XL["vocab_size"], (2, length)).astype(np.int64)
-    mask = (np.arange(length)[None, :] < np.array(real)[:, None]).astype(np.int64)
-    input_ids[mask == 0] = 0  # the pad token id
+    input_ids = rng.integers(3, vocab_size, (2, TOKENS)).astype(np.int64)
+    mask = (np.arange(TOKENS)[None, :] < np.array(REAL_TOKENS)[:, None]).astype(np.int64)
+    input_ids[mask == 0] = pad
+    return input_ids, mask
+
+
+def check_t5(repeats: int) -> list[float]:
+    input_ids, mask = padded_tokens(FLAN_T5_XL["vocab_size"], pad=0)
 
     with tempfile.TemporaryDirectory(prefix="t5.") as folder:
         expected, torch_s, billions = reference_t5(folder, input_ids, mask, repeats)
         gc.collect()
         model, params = load_t5_encoder(folder)
 
-    forward = jax.jit(model.apply)
     inputs = (jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32))
-    start = time.perf_counter()
-    compiled = forward.lower({"params": params}, *inputs).compile()
-    compile_s = time.perf_counter() - start
-    ours = np.asarray(compiled({"params": params}, *inputs))
-    jax_s = median_seconds(
-        lambda: compiled({"params": params}, *inputs).block_until_ready(), repeats
-    )
+    ours, jax_s, compile_s = run_jitted(model.apply, params, inputs, repeats)
     real_tokens = mask.astype(bool)
     error = relative_error(ours[real_tokens], expected[real_tokens])
     print(
-        f"t5    flan-t5-xl encoder ({billions:.2f}B), B=2 x {length} tokens ({real[0]} and "
-        f"{real[1]} real): rel err {error:.2e} | {timing(jax_s, torch_s)} "
+        f"t5    flan-t5-xl encoder ({billions:.2f}B), B=2 x {TOKENS} tokens ({REAL_TOKENS[0]} "
+        f"and {REAL_TOKENS[1]} real): rel err {error:.2e} | {timing(jax_s, torch_s)} "
         f"(JAX compile {compile_s:.0f} s)",
         flush=True,
     )
@@ -267,11 +278,7 @@ def reference_llm(
 
 
 def check_llm(repeats: int) -> list[float]:
-    length, real = 16, (16, 9)
-    rng = np.random.default_rng(0)
-    input_ids = rng.integers(3, TINYLLAMA["vocab_size"], (2, length)).astype(np.int64)
-    mask = (np.arange(length)[None, :] < np.array(real)[:, None]).astype(np.int64)
-    input_ids[mask == 0] = 2  # Llama's end token pads
+    input_ids, mask = padded_tokens(TINYLLAMA["vocab_size"], pad=2)  # Llama pads with its end
 
     with tempfile.TemporaryDirectory(prefix="llm.") as folder:
         expected, torch_s, billions = reference_llm(folder, input_ids, mask, repeats)
@@ -282,20 +289,13 @@ def check_llm(repeats: int) -> list[float]:
     real_tokens = mask.astype(bool)
     errors, seconds = [], []
     for layer, reference in zip(LLM_LAYERS, expected, strict=True):
-        forward = jax.jit(lambda p, ids, m, layer=layer: model.apply(p, ids, m, layer=layer))
-        start = time.perf_counter()
-        compiled = forward.lower({"params": params}, *inputs).compile()
-        compile_s = time.perf_counter() - start
-        ours = np.asarray(compiled({"params": params}, *inputs))
+        apply = functools.partial(model.apply, layer=layer)
+        ours, jax_s, compile_s = run_jitted(apply, params, inputs, repeats)
         errors.append(relative_error(ours[real_tokens], reference[real_tokens]))
-        seconds.append(
-            median_seconds(
-                lambda c=compiled: c({"params": params}, *inputs).block_until_ready(), repeats
-            )
-        )
+        seconds.append(jax_s)
     print(
-        f"llm   TinyLlama-1.1B shapes ({billions:.2f}B), B=2 x {length} tokens ({real[0]} and "
-        f"{real[1]} real): rel err layer {LLM_LAYERS[0]} {errors[0]:.2e}, layer "
+        f"llm   TinyLlama-1.1B shapes ({billions:.2f}B), B=2 x {TOKENS} tokens ({REAL_TOKENS[0]} "
+        f"and {REAL_TOKENS[1]} real): rel err layer {LLM_LAYERS[0]} {errors[0]:.2e}, layer "
         f"{LLM_LAYERS[1]} {errors[1]:.2e} | {timing(seconds[1], torch_s)} "
         f"(JAX compile {compile_s:.0f} s; up to layer {LLM_LAYERS[0]}: {1e3 * seconds[0]:.1f} ms)",
         flush=True,

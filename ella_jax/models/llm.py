@@ -13,13 +13,13 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
 from ella_jax.models.attention import dot_product_attention
 from ella_jax.models.hf_config import known_fields
+from ella_jax.models.norms import RMSNorm
 
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -149,21 +149,6 @@ def rotate(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     first, second = jnp.split(x, 2, axis=-1)
     half_turned = jnp.concatenate([-second, first], axis=-1)
     return x * cos[:, None] + half_turned * sin[:, None]
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, statistics in float32 (the `weight` is stored as `scale`)."""
-
-    epsilon: float
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.epsilon)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
 class SelfAttention(nn.Module):

@@ -12,12 +12,12 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ella_jax.models.attention import dot_product_attention
 from ella_jax.models.hf_config import known_fields
+from ella_jax.models.norms import RMSNorm
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -97,22 +97,6 @@ def clamp_float16(hidden: jnp.ndarray) -> jnp.ndarray:
     return jnp.clip(hidden, -bound, bound)
 
 
-class T5LayerNorm(nn.Module):
-    """RMS norm with a scale and no bias; statistics in float32."""
-
-    epsilon: float
-    dtype: DTypeLike = jnp.float32
-    param_dtype: DTypeLike = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        normed = (x32 * jax.lax.rsqrt(variance + self.epsilon)).astype(self.dtype)
-        return scale.astype(self.dtype) * normed
-
-
 class T5Attention(nn.Module):
     """Unscaled multi-head self-attention; block 0's owns the relative position bias table."""
 
@@ -163,7 +147,7 @@ class T5LayerSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask, position_bias):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        normed = T5LayerNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
+        normed = RMSNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
         attention = T5Attention(
             self.config, self.has_relative_attention_bias, name="SelfAttention", **kw
         )
@@ -182,7 +166,7 @@ class T5LayerFF(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = lambda n, name: nn.Dense(n, use_bias=False, name=f"DenseReluDense.{name}", **kw)  # noqa: E731
         act = ACTIVATIONS[c.activation]
-        h = T5LayerNorm(c.layer_norm_epsilon, name="layer_norm", **kw)(x)
+        h = RMSNorm(c.layer_norm_epsilon, name="layer_norm", **kw)(x)
         if c.is_gated:
             h = act(dense(c.d_ff, "wi_0")(h)) * dense(c.d_ff, "wi_1")(h)
         else:
@@ -220,7 +204,7 @@ class T5Stack(nn.Module):
         for i in range(self.config.num_layers):
             block = T5Block(self.config, i == 0, name=f"block.{i}", **kw)
             x, position_bias = block(x, key_mask, position_bias)
-        return T5LayerNorm(self.config.layer_norm_epsilon, name="final_layer_norm", **kw)(x)
+        return RMSNorm(self.config.layer_norm_epsilon, name="final_layer_norm", **kw)(x)
 
 
 class T5Encoder(nn.Module):
