@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=storage.path,
         required=True,
         metavar="DIR",
-        help="diffusers Stable Diffusion 1.5 folder",
+        help="diffusers Stable Diffusion 1.5 or SDXL folder",
     )
     models.add_argument(
         "--t5",
@@ -494,9 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--negative-prompt",
-        default="",
+        default=None,
         metavar="TEXT",
-        help="negative prompt for every image (default: none)",
+        help="negative prompt for every image (default: none: the empty prompt, or zeros for "
+        "an SDXL folder with force_zeros_for_empty_prompt, as diffusers)",
     )
     sampling.add_argument(
         "--scheduler",

@@ -20,7 +20,7 @@ from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import load_ella
 from ella_jax.weights.sur import load_sur_adapter
-from ella_jax.weights.tensors import CheckpointError, read_config
+from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from ella_jax.weights.text_model import load_text_model
 
 FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
@@ -28,10 +28,18 @@ Mode = Literal["ella", "ella+clip", "clip", "sur"]
 MODES = ("ella", "ella+clip", "clip", "sur")
 
 
+def _encode_sdxl(clip, clip_2, params, params_2, ids, ids_2) -> tuple[jax.Array, jax.Array]:
+    first = clip.apply({"params": params}, ids, True)[0]
+    second, pooled = clip_2.apply({"params": params_2}, ids_2, True)
+    return jnp.concatenate([first, second.astype(first.dtype)], axis=-1), pooled
+
+
 class ELLAPipeline:
     """Text to image with ELLA: T5 once per prompt, ELLA + UNet at every step, VAE decode.
 
-    Build with `from_pretrained`; call with prompts. Each stage is jitted once per shape.
+    Build with `from_pretrained`; call with prompts. Each stage is jitted once per shape. An
+    SDXL folder (`text_encoder_2/`) adds the second CLIP encoder, its pooled embedding and the
+    time ids to every mode.
     """
 
     def __init__(
@@ -41,17 +49,20 @@ class ELLAPipeline:
         tokenizers: dict,
         scheduler: SchedulerConfig,
         mesh: Mesh | None = None,
+        force_zeros_for_empty_prompt: bool = False,
     ) -> None:
         self.modules = modules
         self.tokenizers = tokenizers
         self.scheduler = scheduler
         self.mesh = mesh
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         if mesh is not None:
             params = jax.device_put(params, param_shardings(params, mesh))
         self.params = params
         text, clip, vae = modules.get("t5"), modules["clip"], modules["vae"]
         self._t5 = jax.jit(lambda p, ids, mask: text(p, ids, mask))
         self._clip = jax.jit(lambda p, ids: clip.apply({"params": p}, ids)[0])
+        self._sdxl = jax.jit(functools.partial(_encode_sdxl, clip, modules.get("clip_2")))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
         unet, ella, adapter = modules["unet"], modules.get("ella"), modules.get("sur")
 
@@ -96,11 +107,23 @@ class ELLAPipeline:
         dtype = jnp.dtype(dtype)
         t5_dtype = jnp.dtype(t5_dtype or (jnp.float32 if dtype == jnp.float32 else jnp.float16))
         unet, unet_params = load_unet(sd / "unet", dtype)
-        vae, vae_params = load_vae(sd / "vae", dtype)
+        # SDXL's VAE overflows in float16 (diffusers upcasts it when its config says
+        # force_upcast): it then decodes in float32.
+        upcast = read_json(sd / "vae" / "config.json").get("force_upcast", False)
+        vae_dtype = jnp.float32 if upcast and dtype == jnp.float16 else dtype
+        vae, vae_params = load_vae(sd / "vae", vae_dtype)
         clip, clip_params = load_clip_text_encoder(sd / "text_encoder", dtype)
         modules = dict(unet=unet, vae=vae, clip=clip)
         params = dict(unet=unet_params, vae=vae_params, clip=clip_params)
         tokenizers = dict(clip=load_tokenizer(sd / "tokenizer"))
+        zeros = False
+        if (sd / "text_encoder_2").is_dir():  # SDXL
+            modules["clip_2"], params["clip_2"] = load_clip_text_encoder(
+                sd / "text_encoder_2", dtype
+            )
+            tokenizers["clip_2"] = load_tokenizer(sd / "tokenizer_2")
+            index = sd / "model_index.json"
+            zeros = index.is_file() and read_json(index).get("force_zeros_for_empty_prompt", True)
         if ella is not None and t5 is None:
             raise ValueError(f"{ella}: ELLA reads text features: give the T5 or LLM folder (t5=)")
         if t5 is not None:
@@ -126,7 +149,7 @@ class ELLAPipeline:
             sd / "scheduler" / "scheduler_config.json",
             functools.partial(SchedulerConfig.from_dict, kind=scheduler),
         )
-        return cls(modules, params, tokenizers, scheduler_config, mesh)
+        return cls(modules, params, tokenizers, scheduler_config, mesh, zeros)
 
     def encode_prompt(
         self, prompts: list[str] | str, token_length: Literal["fixed", "flexible"] = "fixed"
@@ -150,22 +173,38 @@ class ELLAPipeline:
         )
         return self._clip(self.params["clip"], ids)
 
+    def encode_sdxl(self, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
+        """SDXL's CLIP context (B, 77, C1 + C2), both encoders' penultimate hidden states
+        concatenated, and the second encoder's projected pooled embedding (B, P)."""
+        ids = [
+            tokenize(
+                self.tokenizers[name], prompts, self.modules[name].config.max_position_embeddings
+            )[0]
+            for name in ("clip", "clip_2")
+        ]
+        return self._sdxl(self.params["clip"], self.params["clip_2"], *ids)
+
     def conditioning(
         self,
         prompts: list[str],
-        negative_prompts: list[str],
+        negative_prompts: list[str] | None,
         token_length: Literal["fixed", "flexible"],
         mode: Mode,
         clip_prompts: list[str] | None = None,
     ) -> tuple[TextConditioning, TextConditioning]:
         """(cond, uncond) for `sample_latents`; prompts and negatives are encoded together, so
-        they share one padded token length."""
+        they share one padded token length. `negative_prompts` None: the empty prompt, or for an
+        SDXL folder with `force_zeros_for_empty_prompt`, zeros for the negative CLIP context and
+        pooled embedding (ELLA still reads the empty prompt's features), as diffusers does."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
         needs = {"ella": "ella", "ella+clip": "ella", "sur": "sur"}.get(mode)
         if needs is not None and needs not in self.modules:
             raise ValueError(f"mode={mode!r}: the pipeline was built without {needs}=")
         batch = len(prompts)
+        sdxl = "clip_2" in self.modules
+        zeros = negative_prompts is None and sdxl and self.force_zeros_for_empty_prompt
+        negative_prompts = [""] * batch if negative_prompts is None else negative_prompts
         parts: dict[str, tuple] = {}
         if mode in ("ella", "ella+clip"):
             features, mask = self.encode_prompt(negative_prompts + prompts, token_length)
@@ -173,9 +212,19 @@ class ELLAPipeline:
                 t5_features=(features[:batch], features[batch:]),
                 token_mask=(mask[:batch], mask[batch:]),
             )
-        if mode != "ella":
+        if sdxl:
+            context, pooled = self.encode_sdxl(negative_prompts + (clip_prompts or prompts))
+            parts.update(pooled=(pooled[:batch], pooled[batch:]))
+            if mode != "ella":
+                parts.update(clip_context=(context[:batch], context[batch:]))
+        elif mode != "ella":
             context = self.encode_clip(negative_prompts + (clip_prompts or prompts))
             parts.update(clip_context=(context[:batch], context[batch:]))
+        if zeros:
+            parts = {
+                k: (jnp.zeros_like(v[0]), v[1]) if k in ("clip_context", "pooled") else v
+                for k, v in parts.items()
+            }
         uncond = TextConditioning(**{k: v[0] for k, v in parts.items()})
         cond = TextConditioning(**{k: v[1] for k, v in parts.items()})
         return cond, uncond
@@ -183,7 +232,7 @@ class ELLAPipeline:
     def __call__(
         self,
         prompts: list[str] | str,
-        negative_prompt: list[str] | str = "",
+        negative_prompt: list[str] | str | None = "",
         num_inference_steps: int = 50,
         guidance_scale: float = 12.0,
         token_length: Literal["fixed", "flexible"] = "fixed",
@@ -196,20 +245,29 @@ class ELLAPipeline:
         clip_prompts: list[str] | None = None,
         sur_dropout: bool = False,
     ):
-        """Generates one image per prompt. `latents` (B, h, w, C) NHWC is the initial noise
+        """Generates one image per prompt. `negative_prompt` None: the empty prompt, or zeros
+        for an SDXL folder that forces them (see `conditioning`); SDXL's time ids are (height,
+        width, 0, 0, height, width). `latents` (B, h, w, C) NHWC is the initial noise
         (default: normal noise from `seed`). output_type "np": (B, H, W, 3) floats in [0, 1];
         "latent": the final NHWC latents; "pil": a list of PIL images. `clip_prompts` gives CLIP
         other prompts than T5 (ELLA+CLIP: tags for CLIP, the sentence for T5). `sur_dropout`: the
         SUR-adapter's dropout on (drawn from `seed`), as the official demo leaves it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        negatives = (
-            [negative_prompt] * len(prompts)
-            if isinstance(negative_prompt, str)
-            else list(negative_prompt)
-        )
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if negative_prompt is None:
+            negatives = None
+        else:
+            negatives = (
+                [negative_prompt] * len(prompts)
+                if isinstance(negative_prompt, str)
+                else list(negative_prompt)
+            )
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         cond, uncond = self.conditioning(prompts, negatives, token_length, mode, clip_prompts)
+        if cond.pooled is not None:  # SDXL: original size, crop top-left, target size
+            size = jnp.array([[height, width, 0, 0, height, width]], jnp.float32)
+            time_ids = jnp.tile(size, (len(prompts), 1))
+            cond, uncond = cond._replace(time_ids=time_ids), uncond._replace(time_ids=time_ids)
 
         vae_config = self.modules["vae"].config
         factor = 2 ** (len(vae_config.block_out_channels) - 1)

@@ -23,12 +23,16 @@ class TextConditioning(NamedTuple):
     """What the prompts give the UNet; leave out what the mode does not use.
 
     t5_features (B, L, D) and token_mask (B, L) bool feed ELLA; clip_context (B, 77, C) is the
-    CLIP text encoder's last hidden state.
+    CLIP text encoder's last hidden state (SDXL: both encoders' penultimate, concatenated);
+    SDXL's added conditions: pooled (B, P), the second encoder's projected pooled embedding, and
+    time_ids (B, 6) (original size, crop top-left, target size).
     """
 
     t5_features: jax.Array | None = None
     token_mask: jax.Array | None = None
     clip_context: jax.Array | None = None
+    pooled: jax.Array | None = None
+    time_ids: jax.Array | None = None
 
 
 def adapt_clip_context(
@@ -79,6 +83,12 @@ def sample_latents(
     t5_features = _both(uncond.t5_features, cond.t5_features)
     token_mask = _both(uncond.token_mask, cond.token_mask)
     clip_context = _both(uncond.clip_context, cond.clip_context)
+    added = {}
+    if cond.pooled is not None:  # SDXL
+        added = dict(
+            added_text_embeds=_both(uncond.pooled, cond.pooled).astype(unet.dtype),
+            added_time_ids=_both(uncond.time_ids, cond.time_ids),
+        )
     if t5_features is None and clip_context is None:
         raise ValueError("conditioning has neither T5 features (ELLA) nor a CLIP context")
 
@@ -96,7 +106,11 @@ def sample_latents(
         timestep = schedule.timesteps[i]
         x_in = scale_model_input(schedule, i, x).astype(unet.dtype)
         prediction = unet.apply(
-            {"params": params["unet"]}, jnp.concatenate([x_in, x_in]), timestep, context(timestep)
+            {"params": params["unet"]},
+            jnp.concatenate([x_in, x_in]),
+            timestep,
+            context(timestep),
+            **added,
         ).astype(jnp.float32)
         unconditional, conditional = jnp.split(prediction, 2)
         guided = unconditional + guidance_scale * (conditional - unconditional)

@@ -38,6 +38,8 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    # `CLIPTextModelWithProjection` (SDXL's text_encoder_2): the pooled output is projected.
+    projection_dim: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "CLIPTextConfig":
@@ -45,7 +47,11 @@ class CLIPTextConfig:
         ValueError naming the field."""
         if raw.get("model_type", "clip_text_model") != "clip_text_model":
             raise ValueError(f"model_type={raw['model_type']!r} is not supported (clip_text_model)")
-        config = cls(**known_fields(cls, raw))
+        fields = known_fields(cls, raw)
+        # SD 1.x configs carry a projection_dim their CLIPTextModel never applies.
+        if "CLIPTextModelWithProjection" not in raw.get("architectures", ()):
+            fields.pop("projection_dim", None)
+        config = cls(**fields)
         if config.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"hidden_act={config.hidden_act!r} is not supported "
@@ -120,12 +126,14 @@ class CLIPEncoder(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """-> (the last layer's output, the one before it)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         bias = causal_bias(x.shape[1], self.dtype)
+        previous = x
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, name=f"layers.{i}", **kw)(x, bias)
-        return x
+            previous, x = x, CLIPEncoderLayer(self.config, name=f"layers.{i}", **kw)(x, bias)
+        return x, previous
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -150,38 +158,48 @@ class CLIPTextTransformer(nn.Module):
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, input_ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids)
-        x = CLIPEncoder(c, name="encoder", **kw)(x)
+        x, penultimate = CLIPEncoder(c, name="encoder", **kw)(x)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="final_layer_norm", **kw)(x)
         if c.eos_token_id == LEGACY_EOS_TOKEN_ID:
             eos = jnp.argmax(input_ids, axis=-1)
         else:
             eos = jnp.argmax(input_ids == c.eos_token_id, axis=-1)  # the first end token
         pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        return x, pooled, penultimate
 
 
 class CLIPTextEncoder(nn.Module):
     """Token ids -> (last_hidden_state, pooled), as `CLIPTextModel(...)`'s `last_hidden_state`
-    and `pooler_output`, with no padding mask (as Stable Diffusion calls it)."""
+    and `pooler_output`, with no padding mask (as Stable Diffusion calls it). With
+    `penultimate`, the first is `hidden_states[-2]` (the layer before the last, no final norm),
+    as SDXL reads both encoders; a config with `projection_dim` projects the pooled output
+    (`CLIPTextModelWithProjection`'s `text_embeds`)."""
 
     config: CLIPTextConfig
     dtype: DTypeLike = jnp.float32
     param_dtype: DTypeLike = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, input_ids: jnp.ndarray, penultimate: bool = False
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """input_ids (B, L) int, L <= max_position_embeddings
-        -> ((B, L, hidden), (B, hidden)) in `dtype`; pooled is the final-normed state at the end
-        token."""
+        -> ((B, L, hidden), (B, hidden or projection_dim)) in `dtype`; pooled is the
+        final-normed state at the end token."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"{input_ids.shape[1]} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
-        return CLIPTextTransformer(
-            self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="text_model"
-        )(input_ids)
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        last, pooled, before = CLIPTextTransformer(c, name="text_model", **kw)(input_ids)
+        if c.projection_dim is not None:
+            pooled = nn.Dense(c.projection_dim, use_bias=False, name="text_projection", **kw)(
+                pooled
+            )
+        return (before if penultimate else last), pooled

@@ -27,7 +27,10 @@ def load_clip_text_encoder(
     tensors = read_weights_folder(folder, "model")
     # transformers 5 saves `CLIPTextModel` without the `text_model.` prefix that earlier releases
     # (and so every released Stable Diffusion folder) have.
-    tensors = {n if n.startswith(PREFIX) else PREFIX + n: t for n, t in tensors.items()}
+    tensors = {
+        n if n.startswith((PREFIX, "text_projection.")) else PREFIX + n: t
+        for n, t in tensors.items()
+    }
     model = CLIPTextEncoder(config, dtype=dtype, param_dtype=param_dtype or dtype)
     example = (jax.ShapeDtypeStruct((1, 1), jnp.int32),)
     params = params_for(
