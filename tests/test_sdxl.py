@@ -65,3 +65,39 @@ def test_generate_renders_ella_sdxl_and_dpg_bench_grids(tmp_path):
     assert (tmp_path / "images" / "0_a-red-book.png").is_file()
     assert main([*models, "--dpg-bench", str(tsv), "--out", str(tmp_path / "grids")]) == 0
     assert Image.open(tmp_path / "grids" / "a1.png").size == (32, 32)
+
+
+def test_tiny_ella_sdxl_run_trains_resumes_and_exports(tmp_path):
+    """configs/tiny.py on the SDXL fixture: the UNet's added conditions come from the frozen
+    second CLIP encoder and each image's sizes; the run resumes from its checkpoint and exports
+    an official-layout ELLA at the UNet's width; its samples render."""
+    from conftest import read_metrics, tiny_config
+
+    from ella_jax import load_ella
+    from train.trainer import train
+
+    config = tiny_config(sd=str(SDXL / "sdxl"), total_steps=2, checkpoint_every=2,
+                         log_every=1, sample_every=3, sample_steps=2)  # fmt: skip
+    config.ella.update(width=96, heads=4)
+    train(config, tmp_path / "w")
+    config.total_steps = 3
+    train(config, tmp_path / "w")  # resumes at step 2
+    metrics = read_metrics(tmp_path / "w")
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+    model, _ = load_ella(tmp_path / "w" / "ella.safetensors")
+    assert (model.width, model.input_dim) == (96, 96)
+    assert list((tmp_path / "w" / "samples").glob("*.png"))
+
+
+def test_precomputed_data_for_sdxl_is_refused_by_name(tmp_path):
+    from conftest import tiny_config
+
+    from train.trainer import ConfigError, check_config
+
+    (tmp_path / "precompute.json").write_text("{}")
+    config = tiny_config(sd=str(SDXL / "sdxl"))
+    config.ella.update(width=96, heads=4)
+    config.data.update(source="precomputed", path=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"is SDXL: train\.precompute does not yet write"):
+        check_config(config)

@@ -182,9 +182,13 @@ class Skipped:
         return f"e.g. {'; '.join(self.examples) or '-'}: check data.path and data.source"
 
 
-def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict[str, Any]:
-    """{"image": (R, R, 3) float32 in [-1, 1], "valid": bool, "caption": str}. An image that
-    cannot be read is invalid (and added to `skipped`); a record without an image is a
+def decode(
+    record: Any, resolution: int, skipped: Skipped | None = None, time_ids: bool = False
+) -> dict[str, Any]:
+    """{"image": (R, R, 3) float32 in [-1, 1], "valid": bool, "caption": str}: resized so the
+    short side is R, centre-cropped. With `time_ids`, also SDXL's "time_ids" (6,) float32: the
+    original height and width, the crop's top and left in the resized image, R and R. An image
+    that cannot be read is invalid (and added to `skipped`); a record without an image is a
     ValueError."""
     if isinstance(record, bytes):
         record = msgpack.unpackb(record)
@@ -201,6 +205,7 @@ def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict
         data = io.BytesIO(encoded)
         with Image.open(data) as image:
             image = image.convert("RGB")
+            original = (image.height, image.width)
             scale = resolution / min(image.size)
             size = (
                 max(resolution, round(image.width * scale)),
@@ -210,33 +215,46 @@ def decode(record: Any, resolution: int, skipped: Skipped | None = None) -> dict
             left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
             image = image.crop((left, top, left + resolution, top + resolution))
             pixels = np.asarray(image, np.float32) / 127.5 - 1.0
-        return {"image": pixels, "valid": True, "caption": caption}
+        decoded = {"image": pixels, "valid": True, "caption": caption}
+        if time_ids:
+            sizes = (*original, top, left, resolution, resolution)
+            decoded["time_ids"] = np.asarray(sizes, np.float32)
+        return decoded
     except IMAGE_ERRORS as e:  # skipped by the loss, counted by the metrics
         if skipped is not None:
             where = record.get("where") or (
                 source if isinstance(source, str) else f"an encoded image, caption {caption!r}"
             )
             skipped.add(where, e)
-        return {
+        decoded = {
             "image": np.zeros((resolution, resolution, 3), np.float32),
             "valid": False,
             "caption": "",
         }
+        if time_ids:
+            decoded["time_ids"] = np.zeros(6, np.float32)
+        return decoded
 
 
 def online_examples(
     tokenize: Callable[[str], tuple[np.ndarray, np.ndarray]],
     resolution: int,
     skipped: Skipped | None = None,
+    sdxl_tokenize: Callable[[str], np.ndarray] | None = None,
 ) -> Callable[[Any, bool], dict]:
     """prepare(record, drop_caption) for image-caption records: {"image" (R, R, 3), "valid",
     "input_ids" (T,), "token_mask" (T,)}; the frozen T5 and VAE run in the train step. Images
-    that cannot be read are added to `skipped`."""
+    that cannot be read are added to `skipped`. With `sdxl_tokenize` (caption -> SDXL's second
+    CLIP's token ids), also "clip_2_ids" (77,) and "time_ids" (6,) for SDXL's added
+    conditions."""
 
     def prepare(record: Any, drop_caption: bool) -> dict:
-        decoded = decode(record, resolution, skipped)
-        caption = decoded.pop("caption")
-        ids, mask = tokenize("" if drop_caption else caption)
+        decoded = decode(record, resolution, skipped, time_ids=sdxl_tokenize is not None)
+        caption = "" if drop_caption else decoded.pop("caption")
+        decoded.pop("caption", None)
+        ids, mask = tokenize(caption)
+        if sdxl_tokenize is not None:
+            decoded["clip_2_ids"] = sdxl_tokenize(caption)
         return {**decoded, "input_ids": ids, "token_mask": mask}
 
     return prepare

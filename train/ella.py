@@ -13,7 +13,8 @@ from etils import epath
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.sampling import TextConditioning
-from ella_jax.text import tokenize
+from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.ella import (
     CONFIG_KEYS,
     load_ella,
@@ -36,6 +37,9 @@ class ELLARun:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        # SDXL: its second CLIP encoder gives the UNet's pooled embedding (with the time ids).
+        self.sdxl = bool(config.sd) and (storage.path(config.sd) / "text_encoder_2").is_dir()
+        self.clip_2 = None
 
     def check(self, cross_attention_dim: int) -> None:
         """Fails fast, naming the key: no text model folder, an ELLA that does not fit the
@@ -43,6 +47,12 @@ class ELLARun:
         otherwise."""
         config = self.config
         encoder = text_encoder(config)
+        if self.sdxl and config.data.source == "precomputed":
+            raise ConfigError(
+                f"config.sd={config.sd!r} is SDXL: train.precompute does not yet write its pooled "
+                "embeddings and time ids; train on images (data.source manifest, array_record, "
+                "webdataset or parquet)"
+            )
         if config.ella.width != cross_attention_dim:
             raise ConfigError(
                 f"config.ella.width={config.ella.width} is not the UNet's cross_attention_dim "
@@ -112,6 +122,17 @@ class ELLARun:
         """The frozen text model's params {"text": ...}; builds the modules and the tokenizer."""
         config = self.config
         self.text_model, text_params, self.tokenizer = text_encoder(config).load()
+        frozen = {}
+        if self.sdxl:
+            sd = storage.path(config.sd)
+            self.clip_2, frozen["clip_2"] = load_clip_text_encoder(
+                sd / "text_encoder_2", config.dtype
+            )
+            self.tokenizer_2 = load_tokenizer(sd / "tokenizer_2")
+            index = sd / "model_index.json"
+            self.zero_negative = index.is_file() and read_json(index).get(
+                "force_zeros_for_empty_prompt", True
+            )
         self.model = ELLA(
             **config.ella,
             input_dim=self.text_model.width,
@@ -119,7 +140,7 @@ class ELLARun:
             param_dtype=jnp.float32,
         )
         self.model_config = {k: getattr(self.model, k) for k in CONFIG_KEYS}
-        return {"text": text_params}
+        return {"text": text_params, **frozen}
 
     def init_params(self) -> Any:
         """The connector's initial params (jittable): `ella_init`'s, or random from the seed."""
@@ -143,10 +164,16 @@ class ELLARun:
             ids, mask = tokenize(self.tokenizer, [caption], config.token_length)
             return ids[0], mask[0]
 
-        return data.online_examples(tokenize_one, config.data.resolution, skipped)
+        sdxl_tokenize = None
+        if self.sdxl:
+            length = self.clip_2.config.max_position_embeddings
+            sdxl_tokenize = lambda c: tokenize(self.tokenizer_2, [c], length)[0][0]  # noqa: E731
+        return data.online_examples(
+            tokenize_one, config.data.resolution, skipped, sdxl_tokenize=sdxl_tokenize
+        )
 
     def conditioner(self, models) -> Conditioner:
-        return ella_conditioner(models, self.config.mask_padding)
+        return ella_conditioner(models, self.config.mask_padding, self.clip_2)
 
     def sample_conditioning(self) -> Any:
         """conditioning(frozen, params) -> (cond, uncond, sampler params beside the UNet's) for
@@ -157,11 +184,21 @@ class ELLARun:
             self.tokenizer, [""] * n + list(config.sample_prompts), config.token_length
         )
         ella_mask = mask if config.mask_padding else np.ones_like(mask)
+        if self.sdxl:  # the pooled embedding of the prompts (zeros or "" for the negative)
+            length = self.clip_2.config.max_position_embeddings
+            clip_ids = tokenize(self.tokenizer_2, [""] * n + list(config.sample_prompts), length)[0]
+            size = config.data.resolution
+            time_ids = np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (n, 1))
 
         def conditioning(frozen, params):
             features = self.text_model(frozen["text"], ids, mask)
-            uncond = TextConditioning(features[:n], ella_mask[:n])
-            cond = TextConditioning(features[n:], ella_mask[n:])
+            negative, positive = (), ()
+            if self.sdxl:
+                pooled = self.clip_2.apply({"params": frozen["clip_2"]}, clip_ids, True)[1]
+                zeros = jnp.zeros_like(pooled[:n]) if self.zero_negative else pooled[:n]
+                negative, positive = (zeros, time_ids), (pooled[n:], time_ids)
+            uncond = TextConditioning(features[:n], ella_mask[:n], None, *negative)
+            cond = TextConditioning(features[n:], ella_mask[n:], None, *positive)
             return cond, uncond, {"ella": params}
 
         return conditioning

@@ -40,15 +40,22 @@ class Models(NamedTuple):
 class Conditioner(NamedTuple):
     """How a method conditions the UNet. encode(frozen, batch) -> text: the frozen text models'
     outputs (no gradient); condition(params, frozen, text, timesteps, rng) -> (context
-    (B, N, C), extra loss (a float32 scalar added to the MSE), extra metrics {name: scalar})."""
+    (B, N, C), extra loss (a float32 scalar added to the MSE), extra metrics {name: scalar});
+    added(frozen, batch) -> the UNet's added conditions (SDXL's pooled embedding and time ids,
+    as keyword arguments; no gradient), None for none."""
 
     encode: Callable[[dict, dict], Any]
     condition: Callable[..., tuple[jax.Array, jax.Array, dict]]
+    added: Callable[[dict, dict], dict] | None = None
 
 
-def ella_conditioner(models: "Models", mask_padding: bool) -> Conditioner:
+def ella_conditioner(
+    models: "Models", mask_padding: bool, clip_2: nn.Module | None = None
+) -> Conditioner:
     """ELLA's: text features (precomputed, or the frozen text model on the batch's tokens) and
-    ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`)."""
+    ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`). With SDXL's
+    second CLIP encoder `clip_2`, its projected pooled embedding of the batch's "clip_2_ids"
+    and the batch's "time_ids" are the UNet's added conditions."""
 
     def encode(frozen: dict, batch: dict) -> tuple[jax.Array, jax.Array | None]:
         if "t5_features" in batch:
@@ -62,7 +69,11 @@ def ella_conditioner(models: "Models", mask_padding: bool) -> Conditioner:
         context = models.ella.apply({"params": params}, features, timesteps, token_mask)
         return context, jnp.zeros((), jnp.float32), {}
 
-    return Conditioner(encode, condition)
+    def added(frozen: dict, batch: dict) -> dict:
+        pooled = clip_2.apply({"params": frozen["clip_2"]}, batch["clip_2_ids"], True)[1]
+        return dict(added_text_embeds=pooled, added_time_ids=batch["time_ids"])
+
+    return Conditioner(encode, condition, None if clip_2 is None else added)
 
 
 class StepConfig(NamedTuple):
@@ -116,17 +127,18 @@ def make_denoising_loss(
 def make_denoising_mse(
     unet: nn.Module, alphas_cumprod: jax.Array, prediction_type: str
 ) -> Callable[..., jax.Array]:
-    """mse(unet_params, context, latents, noise, timesteps) -> (B,) float32: the MSE of the
-    frozen UNet's prediction on `latents` noised to `timesteps`, given `context`, to the noise
-    (or to v). latents and noise (B, h, w, c) scaled as the UNet takes them."""
+    """mse(unet_params, context, latents, noise, timesteps, added=None) -> (B,) float32: the MSE
+    of the frozen UNet's prediction on `latents` noised to `timesteps`, given `context` (and
+    the `added` conditions, SDXL's), to the noise (or to v). latents and noise (B, h, w, c)
+    scaled as the UNet takes them."""
 
-    def mse(unet_params, context, latents, noise, timesteps):
+    def mse(unet_params, context, latents, noise, timesteps, added=None):
         noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
         if prediction_type == "v_prediction":
             target = velocity(alphas_cumprod, latents, noise, timesteps)
         else:
             target = noise
-        prediction = unet.apply({"params": unet_params}, noisy, timesteps, context)
+        prediction = unet.apply({"params": unet_params}, noisy, timesteps, context, **(added or {}))
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
 
     return mse
@@ -173,6 +185,7 @@ def make_train_step(
         )
         condition_rng = jax.random.fold_in(time_rng, 1)  # ELLA's draws stay what they were
         text = jax.lax.stop_gradient(conditioner.encode(frozen, batch))
+        added = conditioner.added and jax.lax.stop_gradient(conditioner.added(frozen, batch))
         if "latent_mean" in batch:
             mean, logvar = batch["latent_mean"], batch["latent_logvar"]
         else:
@@ -193,7 +206,7 @@ def make_train_step(
             context, extra_loss, extra_metrics = conditioner.condition(
                 params, frozen, text, timesteps, condition_rng
             )
-            per_example = mse(frozen["unet"], context, latents, noise, timesteps)
+            per_example = mse(frozen["unet"], context, latents, noise, timesteps, added)
             loss = jnp.sum(weight * per_example) / jnp.maximum(jnp.sum(valid), 1.0)
             return loss + extra_loss, extra_metrics
 
