@@ -37,6 +37,8 @@ FIRST = (
     "test_train",
     "test_train_sur",
     "test_device_suite",
+    "test_sdxl",
+    "test_llm",
     "test_toy_models",
     "test_step_parity",
 )
