@@ -9,8 +9,8 @@ configs/ella_sd15_t5xl.py's recipe with SDXL's changes; each value says where it
 [paper], [issue] (this project's issue 19), [ours]. The UNet's added conditions come from the
 frozen `text_encoder_2` (its projected pooled embedding of the caption) and each image's sizes
 (original height and width, the crop's top-left, 1024 x 1024): images are resized and
-centre-cropped, not bucketed by aspect ratio [ours]. `train.precompute` does not write SDXL's
-added conditions yet: train on images.
+centre-cropped, not bucketed by aspect ratio [ours]. `train.precompute` writes the pooled
+embeddings and time ids too (then `--config.data.source=precomputed`).
 """
 
 import ml_collections

@@ -262,8 +262,9 @@ def online_examples(
 
 def precomputed_examples(empty: dict[str, np.ndarray]) -> Callable[[Any, bool], dict]:
     """prepare(record, drop_caption) for `train.precompute` records: {"latent_mean",
-    "latent_logvar" (h, w, c), "valid", "t5_features" (T, D), "token_mask" (T,)}; a dropped
-    caption takes the empty caption's features `empty` ("t5_features", "token_mask")."""
+    "latent_logvar" (h, w, c), "valid", "t5_features" (T, D), "token_mask" (T,)}, and SDXL's
+    "pooled" (P,) and "time_ids" (6,) when the records hold them; a dropped caption takes the
+    empty caption's text fields `empty` ("t5_features", "token_mask", "pooled")."""
 
     def prepare(record: Any, drop_caption: bool) -> dict:
         fields = unpack_arrays(msgpack.unpackb(record))
@@ -273,13 +274,16 @@ def precomputed_examples(empty: dict[str, np.ndarray]) -> Callable[[Any, bool], 
                 "does data.source name the kind of data data.path holds?"
             )
         text = empty if drop_caption else fields
-        return {
+        example = {
             "latent_mean": fields["latent_mean"],
             "latent_logvar": fields["latent_logvar"],
             "valid": np.bool_(True),
             "t5_features": text["t5_features"],
             "token_mask": text["token_mask"],
         }
+        if "pooled" in fields:  # SDXL: the caption's pooled embedding, the image's time ids
+            example.update(pooled=text["pooled"], time_ids=fields["time_ids"])
+        return example
 
     return prepare
 

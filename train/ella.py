@@ -47,12 +47,6 @@ class ELLARun:
         otherwise."""
         config = self.config
         encoder = text_encoder(config)
-        if self.sdxl and config.data.source == "precomputed":
-            raise ConfigError(
-                f"config.sd={config.sd!r} is SDXL: train.precompute does not yet write its pooled "
-                "embeddings and time ids; train on images (data.source manifest, array_record, "
-                "webdataset or parquet)"
-            )
         if config.ella.width != cross_attention_dim:
             raise ConfigError(
                 f"config.ella.width={config.ella.width} is not the UNet's cross_attention_dim "
@@ -106,6 +100,11 @@ class ELLARun:
             raise ConfigError(
                 f"config.text_encoder.layer={encoder.layer}, but {summary_path} was made with "
                 f"layer {made.get('text_layer')}: rerun train.precompute with this config"
+            )
+        if self.sdxl and not made.get("sdxl", False):
+            raise ConfigError(
+                f"config.sd={config.sd!r} is SDXL, but {summary_path} was made for another model "
+                "(no pooled embeddings or time ids): rerun train.precompute with this config"
             )
         empty_path = storage.path(config.data.path) / data.EMPTY_CAPTION_FILE
         try:

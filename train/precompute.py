@@ -4,7 +4,8 @@ Runs the frozen VAE encoder and text model (`config.text_encoder`: a T5 or a dec
 once over a config's data and writes what the train step would compute from them: ArrayRecord
 shards of {"latent_mean", "latent_logvar", "t5_features" (the text model's, whichever it is),
 "token_mask", "caption"} (and "complex", a SUR-adapter record's complex caption) per image, and
-the empty caption's features (for caption dropout). Train from them with
+the empty caption's features (for caption dropout); for an SDXL folder also each caption's
+pooled embedding (the frozen text_encoder_2's) and each image's time ids. Train from them with
 `--config.data.source=precomputed --config.data.path=DIR`: the step then runs only ELLA and the
 UNet, with the same numbers as the online path. For a SUR-adapter config (config.method="sur")
 it also writes `llm_vectors.safetensors`: one vector per caption (the empty one included), the
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 from ella_jax import storage
 from ella_jax.storage import atomic_path
-from ella_jax.text import tokenize
+from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_vae
 from ella_jax.weights.tensors import write_safetensors
 from train import data
@@ -53,6 +55,7 @@ def precompute(
     vae, vae_params = load_vae(storage.path(config.sd) / "vae", config.dtype)
     records = data.open_configured(config.data)
     encode_text = jax.jit(lambda ids, mask: text_model(text_params, ids, mask))
+    pooled_of = sdxl_pooling(config) if not sur else None
     encode_image = jax.jit(lambda x: vae.apply({"params": vae_params}, x, method="encode"))
     batch = config.batch_size
     written = skipped = 0
@@ -62,13 +65,19 @@ def precompute(
         staging.mkdir()
         ids, mask = tokenize(tokenizer, [""], config.token_length)
         empty = np.asarray(encode_text(ids, mask))[0]
-        np.savez(staging / data.EMPTY_CAPTION_FILE, t5_features=empty, token_mask=mask[0])
+        sdxl_empty = {} if pooled_of is None else {"pooled": pooled_of([""])[0]}
+        np.savez(
+            staging / data.EMPTY_CAPTION_FILE, t5_features=empty, token_mask=mask[0], **sdxl_empty
+        )
         pooled[""] = pool_tokens(empty, mask[0], pooling)
         writer = None
         for start in tqdm(range(0, len(records), batch), desc="precompute", unit="batch"):
             indices = range(start, min(start + batch, len(records)))
             decoded = [
-                {**data.decode(records[i], config.data.resolution), **_complex(records[i])}
+                {
+                    **data.decode(records[i], config.data.resolution, time_ids=bool(pooled_of)),
+                    **_complex(records[i]),
+                }
                 for i in indices
             ]
             skipped += sum(not d["valid"] for d in decoded)
@@ -80,6 +89,8 @@ def precompute(
             padded = decoded + [decoded[-1]] * (batch - count)
             ids, mask = tokenize(tokenizer, [d["caption"] for d in padded], config.token_length)
             features = np.asarray(encode_text(ids, mask))
+            captions = [d["caption"] for d in padded]
+            sdxl_pooled = None if pooled_of is None else pooled_of(captions)
             mean, logvar = (
                 np.asarray(a) for a in encode_image(np.stack([d["image"] for d in padded]))
             )
@@ -97,6 +108,8 @@ def precompute(
                     caption=padded[i]["caption"],
                     **_complex(padded[i]),
                 )
+                if sdxl_pooled is not None:
+                    fields.update(pooled=sdxl_pooled[i], time_ids=padded[i]["time_ids"])
                 caption = padded[i]["caption"]
                 if caption not in pooled:
                     pooled[caption] = pool_tokens(features[i], mask[i], pooling)
@@ -114,12 +127,30 @@ def precompute(
             sd=str(config.sd),
             t5_dtype=encoder.dtype,
             **encoder.summary(),
+            sdxl=pooled_of is not None,
         )
         if sur:
             summary["llm_pooling"] = pooling
             write_safetensors(pooled, staging / LLM_VECTORS_FILE)
         (staging / "precompute.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def sdxl_pooling(config: ConfigDict):
+    """pooled(captions) -> (B, P) float32 numpy, SDXL's frozen second CLIP's projected pooled
+    embeddings, for an SDXL folder (`text_encoder_2/`); None for another model."""
+    sd = storage.path(config.sd)
+    if not (sd / "text_encoder_2").is_dir():
+        return None
+    clip_2, params = load_clip_text_encoder(sd / "text_encoder_2", config.dtype)
+    tokenizer_2 = load_tokenizer(sd / "tokenizer_2")
+    encode = jax.jit(lambda ids: clip_2.apply({"params": params}, ids, True)[1])
+    length = clip_2.config.max_position_embeddings
+
+    def pooled(captions: list[str]) -> np.ndarray:
+        return np.asarray(encode(tokenize(tokenizer_2, captions, length)[0]), np.float32)
+
+    return pooled
 
 
 def _complex(record) -> dict:

@@ -55,7 +55,7 @@ def ella_conditioner(
     """ELLA's: text features (precomputed, or the frozen text model on the batch's tokens) and
     ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`). With SDXL's
     second CLIP encoder `clip_2`, its projected pooled embedding of the batch's "clip_2_ids"
-    and the batch's "time_ids" are the UNet's added conditions."""
+    (or the precomputed "pooled") and the batch's "time_ids" are the UNet's added conditions."""
 
     def encode(frozen: dict, batch: dict) -> tuple[jax.Array, jax.Array | None]:
         if "t5_features" in batch:
@@ -70,7 +70,10 @@ def ella_conditioner(
         return context, jnp.zeros((), jnp.float32), {}
 
     def added(frozen: dict, batch: dict) -> dict:
-        pooled = clip_2.apply({"params": frozen["clip_2"]}, batch["clip_2_ids"], True)[1]
+        if "pooled" in batch:  # precomputed
+            pooled = batch["pooled"]
+        else:
+            pooled = clip_2.apply({"params": frozen["clip_2"]}, batch["clip_2_ids"], True)[1]
         return dict(added_text_embeds=pooled, added_time_ids=batch["time_ids"])
 
     return Conditioner(encode, condition, None if clip_2 is None else added)
