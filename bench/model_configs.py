@@ -30,6 +30,25 @@ FLAN_T5_XL = {
     "is_encoder_decoder": False,
     "use_cache": False,
 }
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json.
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+}
 # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T (the paper's TinyLlama ablation's model).
 TINYLLAMA = {
     "model_type": "llama",

@@ -1,6 +1,6 @@
 """The frozen backbones at their real sizes with random weights: Flax ports against PyTorch.
 
-    .venv/bin/python -m bench.real_size_backbones [--only unet|t5|llm|vae] [--repeats 3]
+    .venv/bin/python -m bench.real_size_backbones [--only unet|sdxl|t5|llm|vae] [--repeats 3]
 
 Each check builds the reference (diffusers / transformers) from the real config with random
 weights, runs it, saves it with `save_pretrained` to a temporary folder and frees it, then loads
@@ -8,6 +8,8 @@ the folder with this project's loader and runs the jitted port on the same input
 
     unet  SD 1.5 UNet (~860M parameters): latents (2, 16, 16, 4), timesteps [999, 250],
           context (2, 77, 768)
+    sdxl  SDXL base UNet (~2.6B parameters, 10.3 GB in float32): latents (1, 32, 32, 4),
+          timestep 500, context (1, 77, 2048), pooled (1, 1280), time ids for 1024 px
     t5    flan-t5-xl encoder (~1.2B parameters, 4.9 GB in float32): 2 x 16 token ids, the second
           with 9 real tokens; compared on the real tokens
     llm   TinyLlama-1.1B (Llama, grouped-query attention; 4.4 GB in float32): the same token
@@ -18,8 +20,8 @@ the folder with this project's loader and runs the jitted port on the same input
 All in float32 on the CPU. Prints one line per check: the relative error
 max|jax - torch| / max|torch| and the median forward time of each (JAX jitted, after
 compilation; PyTorch eager under `torch.inference_mode()`). Exits 1 if any relative error
-exceeds 1e-4. Peak memory is about 10 GiB, in the T5 check (the checkpoint's tensors and the
-port's parameters are both held while loading); run the parts one at a time with `--only`.
+exceeds 1e-4. Peak memory is about 19 GiB, in the SDXL check (measured 19.2 GiB); run the
+parts one at a time with `--only`.
 Needs the test extra (torch, diffusers, transformers).
 """
 
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE, TINYLLAMA
+from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE, SDXL_UNET, TINYLLAMA
 from bench.timing import median_seconds
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.llm import load_llm
@@ -92,25 +94,46 @@ def timing(jax_s: float, torch_s: float) -> str:
 
 
 def reference_unet(
-    folder: str, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray, repeats: int
+    folder: str, config: dict, inputs: tuple[np.ndarray, ...], repeats: int
 ) -> tuple[np.ndarray, float, float]:
-    """diffusers' UNet with random (perturbed) weights, saved to `folder`: its NHWC output,
+    """diffusers' UNet of `config` with random (perturbed) weights, saved to `folder`: its NHWC
+    output on `inputs` (NHWC latents, timesteps, context, and SDXL's text_embeds and time_ids),
     its median forward seconds and its millions of parameters. The model is freed on return."""
     from diffusers import UNet2DConditionModel as TorchUNet
 
     torch.manual_seed(0)
-    reference = TorchUNet(**SD15_UNET).eval()
+    reference = TorchUNet(**config).eval()
     perturb_(reference, seed=1)
-    args = (
-        torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
-        torch.from_numpy(timesteps),
-        torch.from_numpy(context),
-    )
+    latents, timesteps, context, *added = (torch.from_numpy(a) for a in inputs)
+    kwargs = {}
+    if added:
+        kwargs["added_cond_kwargs"] = {"text_embeds": added[0], "time_ids": added[1]}
+    args = (latents.permute(0, 3, 1, 2).contiguous(), timesteps, context)
     with torch.inference_mode():
-        expected = reference(*args).sample.numpy().transpose(0, 2, 3, 1).copy()
-        torch_s = median_seconds(lambda: reference(*args), repeats)
+        expected = reference(*args, **kwargs).sample.numpy().transpose(0, 2, 3, 1).copy()
+        torch_s = median_seconds(lambda: reference(*args, **kwargs), repeats)
     reference.save_pretrained(folder, safe_serialization=True)
     return expected, torch_s, count_parameters(reference) / 1e6
+
+
+def compare_unet(name: str, config: dict, inputs: tuple[np.ndarray, ...], repeats: int) -> float:
+    """The relative error of the port against diffusers on `inputs` (see `reference_unet`)."""
+    with tempfile.TemporaryDirectory(prefix="unet.") as folder:
+        expected, torch_s, millions = reference_unet(folder, config, inputs, repeats)
+        gc.collect()
+        model, params = load_unet(folder)
+    ours, jax_s, compile_s = run_jitted(
+        model.apply, params, tuple(jnp.asarray(a) for a in inputs), repeats
+    )
+    error = relative_error(ours, expected)
+    latents, _, context, *_ = inputs
+    print(
+        f"unet  {name} ({millions:.0f}M), B={latents.shape[0]} {latents.shape[1]}x"
+        f"{latents.shape[2]} latents, {context.shape[1]} tokens: rel err {error:.2e} | "
+        f"{timing(jax_s, torch_s)} (JAX compile {compile_s:.0f} s)",
+        flush=True,
+    )
+    return error
 
 
 def check_unet(repeats: int) -> list[float]:
@@ -118,21 +141,20 @@ def check_unet(repeats: int) -> list[float]:
     latents = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)  # NHWC
     timesteps = np.array([999.0, 250.0], np.float32)
     context = rng.standard_normal((2, 77, 768), dtype=np.float32)
+    return [compare_unet("SD 1.5 UNet", SD15_UNET, (latents, timesteps, context), repeats)]
 
-    with tempfile.TemporaryDirectory(prefix="unet.") as folder:
-        expected, torch_s, millions = reference_unet(folder, latents, timesteps, context, repeats)
-        gc.collect()
-        model, params = load_unet(folder)
 
-    inputs = (jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context))
-    ours, jax_s, compile_s = run_jitted(model.apply, params, inputs, repeats)
-    error = relative_error(ours, expected)
-    print(
-        f"unet  SD 1.5 UNet ({millions:.0f}M), B=2 16x16 latents, 77 tokens: "
-        f"rel err {error:.2e} | {timing(jax_s, torch_s)} (JAX compile {compile_s:.0f} s)",
-        flush=True,
-    )
-    return [error]
+def check_sdxl_unet(repeats: int) -> list[float]:
+    """SDXL's UNet at 32 x 32 latents (256 px: 1024 px is 16 times the work, minutes a forward
+    on a CPU), its added conditions included."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 32, 32, 4), dtype=np.float32)  # NHWC
+    timesteps = np.array([500.0], np.float32)
+    context = rng.standard_normal((1, 77, 2048), dtype=np.float32)
+    text_embeds = rng.standard_normal((1, 1280), dtype=np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32)
+    inputs = (latents, timesteps, context, text_embeds, time_ids)
+    return [compare_unet("SDXL UNet", SDXL_UNET, inputs, repeats)]
 
 
 def reference_t5(
@@ -305,6 +327,7 @@ def check_llm(repeats: int) -> list[float]:
 
 CHECKS: dict[str, Callable[[int], list[float]]] = {
     "unet": check_unet,
+    "sdxl": check_sdxl_unet,
     "t5": check_t5,
     "llm": check_llm,
     "vae": check_vae,

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.typing import DTypeLike
 
 from ella_jax.weights.naming import params_from_torch
@@ -22,7 +23,13 @@ def params_for(
 ) -> dict:
     """The module's parameter tree filled from `tensors` (PyTorch names and layouts), cast to
     `param_dtype`. Shapes come from `jax.eval_shape` on `example_inputs` (arrays or
-    ShapeDtypeStructs), so nothing is computed; a mismatch is a CheckpointError naming `source`."""
+    ShapeDtypeStructs), so nothing is computed; a mismatch is a CheckpointError naming `source`.
+    `tensors` is emptied: each tensor is let go once converted, so a large checkpoint and its
+    parameters are never both held whole."""
     expected = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
-    params = params_from_torch(tensors, expected, source, ignore)
-    return jax.tree.map(lambda p: jnp.asarray(p, dtype=param_dtype), params)
+    flat = traverse_util.flatten_dict(params_from_torch(tensors, expected, source, ignore))
+    tensors.clear()
+    converted = {path: None for path in flat}
+    for path in converted:
+        converted[path] = jnp.asarray(flat.pop(path), dtype=param_dtype)
+    return traverse_util.unflatten_dict(converted)
