@@ -17,7 +17,7 @@ from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
 from ella_jax.sharding import param_shardings, shard_batch
 from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.weights.clip import load_clip_text_encoder
-from ella_jax.weights.diffusers import load_unet, load_vae
+from ella_jax.weights.diffusers import is_sdxl, load_sdxl_text_encoder_2, load_unet, load_vae
 from ella_jax.weights.ella import load_ella
 from ella_jax.weights.sur import load_sur_adapter
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
@@ -117,13 +117,9 @@ class ELLAPipeline:
         params = dict(unet=unet_params, vae=vae_params, clip=clip_params)
         tokenizers = dict(clip=load_tokenizer(sd / "tokenizer"))
         zeros = False
-        if (sd / "text_encoder_2").is_dir():  # SDXL
-            modules["clip_2"], params["clip_2"] = load_clip_text_encoder(
-                sd / "text_encoder_2", dtype
-            )
-            tokenizers["clip_2"] = load_tokenizer(sd / "tokenizer_2")
-            index = sd / "model_index.json"
-            zeros = index.is_file() and read_json(index).get("force_zeros_for_empty_prompt", True)
+        if is_sdxl(sd):
+            second = load_sdxl_text_encoder_2(sd, dtype)
+            modules["clip_2"], params["clip_2"], tokenizers["clip_2"], zeros = second
         if ella is not None and t5 is None:
             raise ValueError(f"{ella}: ELLA reads text features: give the T5 or LLM folder (t5=)")
         if t5 is not None:

@@ -13,8 +13,8 @@ from etils import epath
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.sampling import TextConditioning
-from ella_jax.text import load_tokenizer, tokenize
-from ella_jax.weights.clip import load_clip_text_encoder
+from ella_jax.text import tokenize
+from ella_jax.weights.diffusers import is_sdxl, load_sdxl_text_encoder_2
 from ella_jax.weights.ella import (
     CONFIG_KEYS,
     load_ella,
@@ -38,7 +38,7 @@ class ELLARun:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         # SDXL: its second CLIP encoder gives the UNet's pooled embedding (with the time ids).
-        self.sdxl = bool(config.sd) and (storage.path(config.sd) / "text_encoder_2").is_dir()
+        self.sdxl = bool(config.sd) and is_sdxl(config.sd)
         self.clip_2 = None
 
     def check(self, cross_attention_dim: int) -> None:
@@ -123,14 +123,8 @@ class ELLARun:
         self.text_model, text_params, self.tokenizer = text_encoder(config).load()
         frozen = {}
         if self.sdxl:
-            sd = storage.path(config.sd)
-            self.clip_2, frozen["clip_2"] = load_clip_text_encoder(
-                sd / "text_encoder_2", config.dtype
-            )
-            self.tokenizer_2 = load_tokenizer(sd / "tokenizer_2")
-            index = sd / "model_index.json"
-            self.zero_negative = index.is_file() and read_json(index).get(
-                "force_zeros_for_empty_prompt", True
+            self.clip_2, frozen["clip_2"], self.tokenizer_2, self.zero_negative = (
+                load_sdxl_text_encoder_2(config.sd, config.dtype)
             )
         self.model = ELLA(
             **config.ella,

@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 from ella_jax import storage
 from ella_jax.storage import atomic_path
-from ella_jax.text import load_tokenizer, tokenize
-from ella_jax.weights.clip import load_clip_text_encoder
-from ella_jax.weights.diffusers import load_vae
+from ella_jax.text import tokenize
+from ella_jax.weights.diffusers import is_sdxl, load_sdxl_text_encoder_2, load_vae
 from ella_jax.weights.tensors import write_safetensors
 from train import data
 from train.cli import parse_flags, run_command
@@ -139,11 +138,9 @@ def precompute(
 def sdxl_pooling(config: ConfigDict):
     """pooled(captions) -> (B, P) float32 numpy, SDXL's frozen second CLIP's projected pooled
     embeddings, for an SDXL folder (`text_encoder_2/`); None for another model."""
-    sd = storage.path(config.sd)
-    if not (sd / "text_encoder_2").is_dir():
+    if not is_sdxl(config.sd):
         return None
-    clip_2, params = load_clip_text_encoder(sd / "text_encoder_2", config.dtype)
-    tokenizer_2 = load_tokenizer(sd / "tokenizer_2")
+    clip_2, params, tokenizer_2, _ = load_sdxl_text_encoder_2(config.sd, config.dtype)
     encode = jax.jit(lambda ids: clip_2.apply({"params": params}, ids, True)[1])
     length = clip_2.config.max_position_embeddings
 

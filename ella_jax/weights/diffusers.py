@@ -1,5 +1,6 @@
 """The UNet and the VAE from a diffusers Stable Diffusion folder (`unet/`, `vae/`: each a
-`config.json` and `diffusion_pytorch_model.safetensors`, or shards with an index)."""
+`config.json` and `diffusion_pytorch_model.safetensors`, or shards with an index), and what makes
+a folder SDXL: its second text encoder (`text_encoder_2/`, `tokenizer_2/`)."""
 
 import os
 
@@ -8,10 +9,11 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from ella_jax import storage
+from ella_jax.models.clip import CLIPTextEncoder
 from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ella_jax.models.vae import AutoencoderKL, VAEConfig
 from ella_jax.weights.modules import params_for
-from ella_jax.weights.tensors import read_config, read_weights_folder
+from ella_jax.weights.tensors import read_config, read_json, read_weights_folder
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
@@ -55,3 +57,23 @@ def load_vae(
     example = (jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32),)
     tensors = read_weights_folder(folder, WEIGHTS_STEM)
     return model, params_for(model, example, tensors, str(folder), model.param_dtype)
+
+
+def is_sdxl(folder: str | os.PathLike) -> bool:
+    """Whether a diffusers folder is SDXL's (it has a second text encoder)."""
+    return (storage.path(folder) / "text_encoder_2").is_dir()
+
+
+def load_sdxl_text_encoder_2(
+    folder: str | os.PathLike, dtype: DTypeLike = jnp.float32
+) -> tuple[CLIPTextEncoder, dict, object, bool]:
+    """SDXL's second CLIP encoder (with its projection) of a diffusers folder: (model, params,
+    its tokenizer, force_zeros_for_empty_prompt as model_index.json says, default True)."""
+    from ella_jax.text import load_tokenizer
+    from ella_jax.weights.clip import load_clip_text_encoder
+
+    folder = storage.path(folder)
+    model, params = load_clip_text_encoder(folder / "text_encoder_2", dtype)
+    index = folder / "model_index.json"
+    zeros = not index.is_file() or read_json(index).get("force_zeros_for_empty_prompt", True)
+    return model, params, load_tokenizer(folder / "tokenizer_2"), bool(zeros)
