@@ -12,7 +12,12 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from ella_jax import storage
-from ella_jax.sampling import TextConditioning, adapt_clip_context, sample_latents
+from ella_jax.sampling import (
+    TextConditioning,
+    adapt_clip_context,
+    sample_latents,
+    sdxl_time_ids,
+)
 from ella_jax.schedulers import SchedulerConfig, initial_latents, make_schedule
 from ella_jax.sharding import param_shardings, shard_batch
 from ella_jax.text import load_tokenizer, tokenize
@@ -261,8 +266,7 @@ class ELLAPipeline:
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         cond, uncond = self.conditioning(prompts, negatives, token_length, mode, clip_prompts)
         if cond.pooled is not None:  # SDXL: original size, crop top-left, target size
-            size = jnp.array([[height, width, 0, 0, height, width]], jnp.float32)
-            time_ids = jnp.tile(size, (len(prompts), 1))
+            time_ids = sdxl_time_ids(height, width, len(prompts))
             cond, uncond = cond._replace(time_ids=time_ids), uncond._replace(time_ids=time_ids)
 
         vae_config = self.modules["vae"].config

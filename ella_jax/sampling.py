@@ -13,6 +13,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ella_jax.models.ella import ELLA
 from ella_jax.models.unet import UNet2DConditionModel
@@ -33,6 +34,12 @@ class TextConditioning(NamedTuple):
     clip_context: jax.Array | None = None
     pooled: jax.Array | None = None
     time_ids: jax.Array | None = None
+
+
+def sdxl_time_ids(height: int, width: int, count: int) -> np.ndarray:
+    """(count, 6) float32 SDXL time ids of an uncropped image generated at its own size:
+    original size, crop top-left (0, 0), target size."""
+    return np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (count, 1))
 
 
 def adapt_clip_context(

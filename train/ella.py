@@ -12,7 +12,7 @@ from etils import epath
 
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
-from ella_jax.sampling import TextConditioning
+from ella_jax.sampling import TextConditioning, sdxl_time_ids
 from ella_jax.text import tokenize
 from ella_jax.weights.diffusers import is_sdxl, load_sdxl_text_encoder_2
 from ella_jax.weights.ella import (
@@ -181,7 +181,7 @@ class ELLARun:
             length = self.clip_2.config.max_position_embeddings
             clip_ids = tokenize(self.tokenizer_2, [""] * n + list(config.sample_prompts), length)[0]
             size = config.data.resolution
-            time_ids = np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (n, 1))
+            time_ids = sdxl_time_ids(size, size, n)
 
         def conditioning(frozen, params):
             features = self.text_model(frozen["text"], ids, mask)
