@@ -1,28 +1,31 @@
-"""The accelerator suite: ELLA's train step, sampler and connector at SD 1.5 / 512 px on one
-device, beside PyTorch + diffusers doing the same work on the same device.
+"""The accelerator suite: ELLA's train step, sampler and connector at SD 1.5 / 512 px (or
+ELLA-SDXL at 1024 px) on one device, beside PyTorch + diffusers doing the same work on the same
+device.
 
     python -m bench.device_suite --out suite.json           # one H100 / H200: about 8 minutes
+    python -m bench.device_suite --model sdxl --out sdxl.json       # SDXL's 2.6B UNet, 1024 px
     python -m bench.device_suite --small --out small.json   # the same code, tiny shapes, a CPU
 
-Random weights of the real shapes (`bench.model_configs`: SD 1.5's UNet, the released ELLA),
-bfloat16 compute. Four processes: one for each train row (a fresh peak-memory counter each; an
-out-of-memory error at a batch size tries the next smaller one), one for the inference rows, and
-one for the PyTorch rows (which never share the GPU with JAX's preallocated memory). The rows,
-under their keys in the JSON:
+Random weights of the real shapes (`bench.model_configs`: SD 1.5's UNet and the released ELLA;
+SDXL's UNet and ELLA at width 2048 as configs/ella_sdxl_t5xl.py trains it, the UNet's added
+conditions a random pooled embedding and 1024 px time ids), bfloat16 compute. Four processes:
+one for each train row (a fresh peak-memory counter each; an out-of-memory error at a batch size
+tries the next smaller one), one for the inference rows, and one for the PyTorch rows (which never
+share the GPU with JAX's preallocated memory). The rows, under their keys in the JSON:
 
   train_step        `train.step.make_train_step` on precomputed inputs (VAE latent moments
   train_step_remat  (B, 64, 64, 4) bfloat16, flan-t5-xl features (B, 128, 2048) float16), ELLA's
                     float32 master weights, AdamW, EMA; remat "none", then "blocks" (the UNet's
                     ResNets and transformers recomputed in the backward). The largest of batch
-                    8/16/32/64 that fits
+                    8/16/32/64 (SDXL: 4/8/16/32) that fits
                     (predicted from the compiled batch 8, then compiled and run). samples_per_s,
                     step_seconds (--steps steps after two warm-up ones), flops (model FLOPs per
                     step, `ella_jax.flops`), mfu (against the chip's dense bfloat16 peak; on a
                     CPU a measured matmul rate), peak_bytes (`device.memory_stats()` where the
                     backend has it, else the compiled step's `memory_analysis()`).
   sampler           `ella_jax.sampling.sample_latents`: 50 DPM-Solver++ steps with CFG, ELLA and
-  sampler_batched   the UNet at every step, batch 1 and 8: seconds_per_image (T5 and the VAE
-                    decode left out, on both sides).
+  sampler_batched   the UNet at every step, batch 1 and 8 (SDXL: 1 and 4): seconds_per_image (T5,
+                    CLIP and the VAE decode left out, on both sides).
   connector         ELLA's forward at batch 2, 128 tokens: seconds.
 
 Each row's "torch" holds PyTorch + diffusers doing the same (`bench.device_suite_torch`: SDPA
@@ -35,6 +38,7 @@ comparison): nothing of the trainer's data or logging stack, for a bare GPU imag
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -46,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.model_configs import SUITE_FULL, SUITE_SMALL
+from bench.model_configs import SUITES
 from bench.timing import median_seconds
 
 RESULT = "RESULT "  # a part's last line of output: RESULT {json}
@@ -76,7 +80,7 @@ def _normal(shape: tuple[int, ...], dtype: Any, seed: int) -> Any:
     return jax.device_put(values.astype(dtype))
 
 
-def _random_params(module, *example, seed: int, scale: float = 0.02):
+def _random_params(module, *example, seed: int, scale: float = 0.02, **keywords):
     """The module's parameters in their declared shapes and dtypes (`jax.eval_shape`: nothing
     of the model is computed), normal(0, scale) values cut from one pool of host random numbers:
     fast at any size, and no random-number kernels to compile (35 s for SD 1.5's on a CPU)."""
@@ -90,7 +94,33 @@ def _random_params(module, *example, seed: int, scale: float = 0.02):
         values = np.resize(pool[rng.integers(pool.size) :], shape.shape)
         return jax.device_put(values.astype(shape.dtype))
 
-    return jax.tree.map(draw, jax.eval_shape(module.init, jax.random.key(0), *example)["params"])
+    init = functools.partial(module.init, **keywords)
+    return jax.tree.map(draw, jax.eval_shape(init, jax.random.key(0), *example)["params"])
+
+
+def _pooled_width(unet_config: dict) -> int | None:
+    """The width of SDXL's pooled text embedding the UNet takes; None: no added conditions."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    time_ids = 6 * unet_config["addition_time_embed_dim"]
+    return unet_config["projection_class_embeddings_input_dim"] - time_ids
+
+
+def _added_conditions(shapes: dict, batch: int) -> dict:
+    """The UNet's added conditions for `batch` images, as keyword arguments: SDXL's pooled
+    embedding (random) and the time ids of an uncropped image at the suite's size; {} for SD."""
+    import jax.numpy as jnp
+
+    from ella_jax.sampling import sdxl_time_ids
+
+    width = _pooled_width(shapes["unet"])
+    if width is None:
+        return {}
+    size = shapes["resolution"]
+    return dict(
+        added_text_embeds=_normal((batch, width), jnp.bfloat16, seed=8),
+        added_time_ids=jnp.asarray(sdxl_time_ids(size, size, batch)),
+    )
 
 
 def _models(shapes: dict, remat: bool = False):
@@ -110,6 +140,7 @@ def _models(shapes: dict, remat: bool = False):
         jnp.zeros((1, latent, latent, 4)),
         jnp.zeros((1,)),
         jnp.zeros((1, 1, ella.width)),
+        **_added_conditions(shapes, 1),
         seed=1,
     )
     ella_params = _random_params(ella, jnp.zeros((1, 1, ella.input_dim)), jnp.zeros((1,)), seed=2)
@@ -156,14 +187,23 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
 
     from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
     from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
-    from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
+    from train.step import (
+        Models,
+        StepConfig,
+        ella_conditioner,
+        init_state,
+        make_optimizer,
+        make_train_step,
+    )
 
     unet, ella, unet_params, ella_params = _models(shapes, remat == "blocks")
     optimizer, _ = make_optimizer(1e-4, 0, 10**6, "constant", 0.01, 1.0)
     acp = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(shapes["scheduler"])))
-    step_config = StepConfig("epsilon", 0.18215, 0.0, 0.9999, 0.0, False)
+    step_config = StepConfig("epsilon", shapes["scaling_factor"], 0.0, 0.9999, 0.0, False)
     models = Models(None, None, unet, ella)
-    train_step = make_train_step(models, optimizer, acp, step_config)
+    sdxl = _pooled_width(shapes["unet"]) is not None
+    conditioner = ella_conditioner(models, step_config.mask_padding, sdxl)
+    train_step = make_train_step(models, optimizer, acp, step_config, conditioner)
 
     @jax.jit
     def new_state(params):  # buffers of its own: the step donates them, a retry needs params
@@ -181,10 +221,17 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
             "token_mask": ((size, tokens), jnp.bool_),
             "valid": ((size,), jnp.bool_),
         }
+        if sdxl:  # precomputed, as train.precompute writes them
+            pooled = _pooled_width(shapes["unet"])
+            shapes_dtypes.update(
+                pooled=((size, pooled), jnp.float16), time_ids=((size, 6), jnp.float32)
+            )
         if abstract:
             return {k: jax.ShapeDtypeStruct(*v) for k, v in shapes_dtypes.items()}
         made = {k: _normal(s, d, seed=3) for k, (s, d) in shapes_dtypes.items()}
         made.update(token_mask=jnp.ones((size, tokens), bool), valid=jnp.ones((size,), bool))
+        if sdxl:
+            made["time_ids"] = _added_conditions(shapes, size)["added_time_ids"]
         return made
 
     step = jax.jit(train_step, donate_argnums=0)
@@ -226,8 +273,9 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
         fitting = [b for b in candidates if fixed + per_sample * b <= 0.92 * limit]
         fitting = fitting or candidates[:1]
     size, (seconds, compiled, metrics) = _largest_that_runs(fitting, timed)
-    modelled = make_train_step(Models(None, None, unet.clone(remat=False), ella), optimizer,
-                               acp, step_config)  # fmt: skip
+    plain = Models(None, None, unet.clone(remat=False), ella)
+    modelled = make_train_step(plain, optimizer, acp, step_config,
+                               ella_conditioner(plain, step_config.mask_padding, sdxl))  # fmt: skip
     flops = model_flops(modelled, state, frozen, batch(size, abstract=True))
     peak = peak_flops_per_second(jax.devices()[0], "bfloat16")
     _, peak_in_use = _memory(jax)
@@ -284,8 +332,12 @@ def jax_inference(shapes: dict) -> dict:
     for name, batch in zip(SAMPLER_ROWS, shapes["sample_batches"], strict=True):
         mask = jnp.ones((batch, tokens), bool)
         features = (batch, tokens, ella.input_dim)
-        cond = TextConditioning(_normal(features, jnp.float16, seed=4), mask)
-        uncond = TextConditioning(_normal(features, jnp.float16, seed=5), mask)
+        added = _added_conditions(shapes, batch)
+        pooled, time_ids = added.get("added_text_embeds"), added.get("added_time_ids")
+        cond, uncond = (
+            TextConditioning(_normal(features, jnp.float16, seed), mask, None, pooled, time_ids)
+            for seed in (4, 5)
+        )
         latents = initial_latents(schedule, _normal((batch, latent, latent, 4), jnp.float32, 6))
         seconds = _median_seconds(sample, params, latents, cond, uncond, repeats=2)
         rows[name] = {
@@ -320,7 +372,7 @@ def run_part(args: argparse.Namespace, shapes: dict) -> dict:
 def _child(args: argparse.Namespace, part: str, *extra: str) -> dict:
     """Runs one part in a fresh process: its result, or {"error": ...}."""
     command = [sys.executable, "-m", "bench.device_suite", "--part", part, *extra]
-    command += ["--steps", str(args.steps)]
+    command += ["--model", args.model, "--steps", str(args.steps)]
     command += ["--small"] * args.small + ["--compile-only"] * args.compile_only
     if args.batches:
         command += ["--batches", ",".join(map(str, args.batches))]
@@ -350,7 +402,8 @@ def _torch_available() -> bool:
 def run_suite(args: argparse.Namespace) -> dict:
     """The JAX processes (one per train row, one for the inference rows), then one PyTorch
     process for every row at the batches JAX chose."""
-    results: dict[str, Any] = {"shapes": "small" if args.small else "sd15-512px"}
+    size = "small" if args.small else f"{SUITES[args.model][0]['resolution']}px"
+    results: dict[str, Any] = {"shapes": f"{args.model}-{size}"}
     devices = []
     for name, remat in TRAIN_ROWS.items():
         results[name] = _child(args, "train_step", "--remat", remat)
@@ -436,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
+    parser.add_argument(
+        "--model",
+        choices=tuple(SUITES),
+        default="sd15",
+        help="SD 1.5 at 512 px with the released ELLA, or SDXL at 1024 px with ELLA at width "
+        "2048 (default %(default)s)",
+    )
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU, a test)")
     parser.add_argument("--no-torch", action="store_true", help="leave out PyTorch + diffusers")
     parser.add_argument(
@@ -449,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         "--batches",
         type=lambda text: tuple(int(b) for b in text.split(",")),
         default=None,
-        help="train batch sizes to try, comma-separated (default 8,16,32,64; --small 2,4)",
+        help="train batch sizes to try, comma-separated (default 8,16,32,64; SDXL 4,8,16,32; "
+        "--small 2,4)",
     )
     parser.add_argument(
         "--part-timeout", type=int, default=600, help="seconds before a part is stopped"
@@ -460,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-batches", default="{}", help=SUPPRESS)
     parser.add_argument("--jax-platform", default="", help=SUPPRESS)
     args = parser.parse_args(argv)
-    shapes = dict(SUITE_SMALL if args.small else SUITE_FULL)
+    shapes = dict(SUITES[args.model][args.small])
     shapes["train_batches"] = args.batches or shapes["train_batches"]
     args.steps = args.steps or shapes["train_steps"]
 

@@ -4,8 +4,9 @@ on the same device (CUDA when there is one), in one process of their own (`torch
 diffusers' `UNet2DConditionModel` (SDPA attention, its default) with frozen bfloat16 weights,
 `bench.torch_ella.TorchELLA` (float32 master weights), bfloat16 autocast; training with AdamW
 (fused on CUDA), global-norm clipping, EMA and diffusers' `DDPMScheduler` noising, gradient
-checkpointing for remat "blocks"; sampling with `DPMSolverMultistepScheduler`. Needs torch and
-diffusers.
+checkpointing for remat "blocks"; sampling with `DPMSolverMultistepScheduler`; SDXL's added
+conditions (a random pooled embedding, the suite's time ids) where the UNet takes them. Needs torch
+and diffusers.
 """
 
 import time
@@ -17,8 +18,6 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 
 from bench.timing import median_seconds
 from bench.torch_ella import TorchELLA
-
-SCALING_FACTOR = 0.18215
 
 
 def _device() -> torch.device:
@@ -44,6 +43,19 @@ def _models(shapes: dict, device: torch.device) -> tuple[UNet2DConditionModel, T
     return unet, ella
 
 
+def _added_conditions(shapes: dict, batch: int, device: torch.device) -> dict:
+    """diffusers' `added_cond_kwargs` for `batch` images (SDXL), {} for a UNet without them."""
+    config = shapes["unet"]
+    if config.get("addition_embed_type") != "text_time":
+        return {}
+    width = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    size = shapes["resolution"]
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device)
+    text_embeds = torch.randn(batch, width, device=device, dtype=torch.bfloat16)
+    time_ids = time_ids.repeat(batch, 1)
+    return {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+
+
 def _median_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return median_seconds(lambda: (run(), _sync(device)), repeats)
 
@@ -65,16 +77,17 @@ def torch_train_step(shapes: dict, remat: str, batch: int, steps: int) -> dict:
     features = torch.randn(batch, tokens, shapes["ella"]["input_dim"], device=device)
     features = features.to(torch.float16)
     token_mask = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    added = _added_conditions(shapes, batch, device)
 
     def step() -> torch.Tensor:
         latents = mean.float() + torch.exp(0.5 * logvar.float()) * torch.randn_like(mean.float())
-        latents = latents * SCALING_FACTOR
+        latents = latents * shapes["scaling_factor"]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1000, (batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             context = ella(features.float(), timesteps.float(), token_mask)
-            prediction = unet(noisy, timesteps, context).sample
+            prediction = unet(noisy, timesteps, context, **added).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -114,6 +127,7 @@ def torch_sampler(shapes: dict, batch: int) -> dict:
     features = features.to(torch.bfloat16)
     token_mask = torch.ones(2 * batch, tokens, dtype=torch.bool, device=device)
     start_latents = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
+    added = _added_conditions(shapes, 2 * batch, device)
 
     @torch.inference_mode()
     def sample() -> torch.Tensor:
@@ -122,7 +136,7 @@ def torch_sampler(shapes: dict, batch: int) -> dict:
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(torch.cat([x, x]), t).to(torch.bfloat16)
             context = ella(features, t.float(), token_mask)
-            prediction = unet(x_in, t, context).sample.float()
+            prediction = unet(x_in, t, context, **added).sample.float()
             unconditional, conditional = prediction.chunk(2)
             guided = unconditional + 7.5 * (conditional - unconditional)
             x = scheduler.step(guided, t, x).prev_sample

@@ -99,11 +99,24 @@ ELLA_SD15 = dict(
     input_dim=2048,
 )
 
-# The device suite's shapes (bench.device_suite): SD 1.5 at 512 px, and tiny ones for a CPU.
+# ELLA at SDXL's width, as configs/ella_sdxl_t5xl.py trains it.
+ELLA_SDXL = dict(
+    time_channel=320,
+    time_embed_dim=2048,
+    width=2048,
+    layers=6,
+    heads=16,
+    num_latents=64,
+    input_dim=2048,
+)
+
+# The device suite's shapes (bench.device_suite): SD 1.5 at 512 px, SDXL at 1024 px (sampled
+# with DPM-Solver++ on its own betas, which are SD 1.5's), and tiny ones of each for a CPU.
 SUITE_FULL = dict(
     unet=SD15_UNET,
     ella=ELLA_SD15,
     scheduler=SD15_SCHEDULER,
+    scaling_factor=0.18215,
     resolution=512,
     tokens=128,
     train_batches=(8, 16, 32, 64),
@@ -133,6 +146,7 @@ SUITE_SMALL = dict(
         input_dim=96,
     ),
     scheduler=SD15_SCHEDULER,
+    scaling_factor=0.18215,
     resolution=64,
     tokens=16,
     train_batches=(2, 4),
@@ -140,3 +154,32 @@ SUITE_SMALL = dict(
     sample_batches=(1, 2),
     sample_steps=4,
 )
+SUITE_SDXL = dict(
+    SUITE_FULL,
+    unet=SDXL_UNET,
+    ella=ELLA_SDXL,
+    scaling_factor=0.13025,
+    resolution=1024,
+    train_batches=(4, 8, 16, 32),
+    sample_batches=(1, 4),
+)
+SUITE_SDXL_SMALL = dict(
+    SUITE_SMALL,
+    unet={
+        **SDXL_UNET,
+        "sample_size": 8,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "attention_head_dim": [2, 4],
+        "transformer_layers_per_block": [1, 2],
+        "cross_attention_dim": 64,
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,  # pooled embeddings of width 32
+        "norm_num_groups": 8,
+    },
+    scaling_factor=0.13025,
+)
+# The suite's shapes by its --model, full and --small.
+SUITES = {"sd15": (SUITE_FULL, SUITE_SMALL), "sdxl": (SUITE_SDXL, SUITE_SDXL_SMALL)}

@@ -1,6 +1,7 @@
 """The frozen backbones at their real sizes with random weights: Flax ports against PyTorch.
 
     .venv/bin/python -m bench.real_size_backbones [--only unet|sdxl|t5|llm|vae] [--repeats 3]
+        [--sdxl-resolution 256|1024]
 
 Each check builds the reference (diffusers / transformers) from the real config with random
 weights, runs it, saves it with `save_pretrained` to a temporary folder and frees it, then loads
@@ -8,7 +9,8 @@ the folder with this project's loader and runs the jitted port on the same input
 
     unet  SD 1.5 UNet (~860M parameters): latents (2, 16, 16, 4), timesteps [999, 250],
           context (2, 77, 768)
-    sdxl  SDXL base UNet (~2.6B parameters, 10.3 GB in float32): latents (1, 32, 32, 4),
+    sdxl  SDXL base UNet (~2.6B parameters, 10.3 GB in float32): latents (1, 32, 32, 4)
+          (--sdxl-resolution 1024: (1, 128, 128, 4), SDXL's own size, minutes a forward),
           timestep 500, context (1, 77, 2048), pooled (1, 1280), time ids for 1024 px
     t5    flan-t5-xl encoder (~1.2B parameters, 4.9 GB in float32): 2 x 16 token ids, the second
           with 9 real tokens; compared on the real tokens
@@ -144,11 +146,12 @@ def check_unet(repeats: int) -> list[float]:
     return [compare_unet("SD 1.5 UNet", SD15_UNET, (latents, timesteps, context), repeats)]
 
 
-def check_sdxl_unet(repeats: int) -> list[float]:
-    """SDXL's UNet at 32 x 32 latents (256 px: 1024 px is 16 times the work, minutes a forward
-    on a CPU), its added conditions included."""
+def check_sdxl_unet(repeats: int, resolution: int = 256) -> list[float]:
+    """SDXL's UNet at `resolution` px (latents of an eighth of it; 1024 px, SDXL's own, is 16
+    times 256 px's work and minutes a forward on a CPU), its added conditions included."""
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((1, 32, 32, 4), dtype=np.float32)  # NHWC
+    latent = resolution // 8
+    latents = rng.standard_normal((1, latent, latent, 4), dtype=np.float32)  # NHWC
     timesteps = np.array([500.0], np.float32)
     context = rng.standard_normal((1, 77, 2048), dtype=np.float32)
     text_embeds = rng.standard_normal((1, 1280), dtype=np.float32)
@@ -340,7 +343,15 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=sorted(CHECKS), help="run this check alone")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model")
+    parser.add_argument(
+        "--sdxl-resolution",
+        type=int,
+        choices=(256, 512, 1024),
+        default=256,
+        help="pixels of the SDXL check's image (latents of an eighth of it); default 256",
+    )
     args = parser.parse_args()
+    checks = {**CHECKS, "sdxl": functools.partial(check_sdxl_unet, resolution=args.sdxl_resolution)}
 
     print(
         f"float32, CPU (jax {jax.__version__}, torch {torch.__version__}, "
@@ -348,7 +359,7 @@ def main() -> None:
         flush=True,
     )
     worst = 0.0
-    for name, check in CHECKS.items():
+    for name, check in checks.items():
         if args.only in (None, name):
             worst = max(worst, *check(args.repeats))
             gc.collect()

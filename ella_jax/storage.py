@@ -115,6 +115,7 @@ def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iter
     temporary = staging / destination.name
     try:
         yield temporary
+        give_umask_modes(temporary)
         if remote:
             _upload(temporary, destination)
         else:
@@ -123,6 +124,18 @@ def atomic_path(destination: str | os.PathLike, overwrite: bool = False) -> Iter
             os.replace(temporary, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def give_umask_modes(staged: str | os.PathLike) -> None:
+    """The modes a plain `open` or `mkdir` would give, to a staged file or folder and all it
+    holds: writers such as safetensors create their files 0600, and the staging folder is
+    private, so an output would otherwise be unreadable to the group and others."""
+    staged = pathlib.Path(staged)
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [staged, *staged.rglob("*")] if staged.is_dir() else [staged]:
+        if item.exists() and not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -360,6 +361,39 @@ def test_command_line_names_an_unknown_key_and_a_bad_value(tmp_path):
         "error: config.ella.width=32"
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_with_other_shapes_is_refused_and_leaves_the_run(uninterrupted, tmp_path):
+    """A finished 4-head run resumed with --config.ella.heads=8 (and the layers changed): one
+    error line naming both, exit 2, and every file of the run as it was."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    returncode, _, err = run_cli(
+        workdir, *(f"--config.{k}={v}" for k, v in SHORT.items()), "--config.ella.heads=8",
+        "--config.ella.layers=3",
+    )  # fmt: skip
+    lines = err.strip().splitlines()
+    assert returncode == 2 and lines[-1].startswith(f"error: {workdir} holds a run"), err
+    assert "config.ella.heads 4 -> 8" in lines[-1] and "config.ella.layers 2 -> 3" in lines[-1]
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_exported_files_are_readable_by_others(uninterrupted, tmp_path):
+    """Under umask 022 an exported .safetensors (staged in a private temporary folder, written
+    0600 by safetensors) is rw-r--r--, as any file the umask makes."""
+    from convert.__main__ import main
+
+    previous = os.umask(0o022)
+    try:
+        assert main(["export", str(uninterrupted), str(tmp_path / "ella.safetensors")]) == 0
+        assert main(["to-jax", str(tmp_path / "ella.safetensors"), str(tmp_path / "jax")]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "ella.safetensors").stat().st_mode) == 0o644
+    for file in (tmp_path / "jax").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+    assert stat.S_IMODE((tmp_path / "jax").stat().st_mode) == 0o755
 
 
 def test_precompute_command_line(precomputed):

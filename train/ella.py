@@ -17,6 +17,7 @@ from ella_jax.text import tokenize
 from ella_jax.weights.diffusers import is_sdxl, load_sdxl_text_encoder_2
 from ella_jax.weights.ella import (
     CONFIG_KEYS,
+    SIDECAR_FILE,
     load_ella,
     read_ella,
     write_official,
@@ -117,6 +118,25 @@ class ELLARun:
                 f"{encoder.path!r} has width {width}: rerun train.precompute with this config"
             )
 
+    def architecture_changes(
+        self, saved: ml_collections.ConfigDict, workdir: epath.Path
+    ) -> list[str]:
+        """What of the connector's shape differs from the run `saved` (its config) in `workdir`
+        trained: `ella.*` keys, and the text model's width (its input_dim, in the run's
+        ella_config.json), as "key old -> new" lines."""
+        old, new = saved.get("ella", {}), self.config.ella
+        changes = [
+            f"config.ella.{key} {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted({*old, *new})
+            if old.get(key) != new.get(key)
+        ]
+        sidecar = workdir / SIDECAR_FILE
+        trained_width = read_json(sidecar).get("input_dim") if sidecar.is_file() else None
+        width = folder_width(text_encoder(self.config).path)
+        if trained_width is not None and width != trained_width:
+            changes.append(f"the text model's width (input_dim) {trained_width} -> {width}")
+        return changes
+
     def load_frozen(self, workdir: epath.Path) -> dict:
         """The frozen text model's params {"text": ...}; builds the modules and the tokenizer."""
         config = self.config
@@ -145,7 +165,7 @@ class ELLARun:
 
     def write_run_files(self, workdir: epath.Path) -> None:
         """ella_config.json: lets `python -m convert export` read any checkpoint of the run."""
-        write_official_config(workdir / "ella_config.json", self.model_config)
+        write_official_config(workdir / SIDECAR_FILE, self.model_config)
 
     def prepare(self, skipped: data.Skipped) -> Any:
         """prepare(record, drop_caption) -> one example for the step (see `train.data`)."""
@@ -166,7 +186,7 @@ class ELLARun:
         )
 
     def conditioner(self, models) -> Conditioner:
-        return ella_conditioner(models, self.config.mask_padding, self.clip_2)
+        return ella_conditioner(models, self.config.mask_padding, self.sdxl, self.clip_2)
 
     def sample_conditioning(self) -> Any:
         """conditioning(frozen, params) -> (cond, uncond, sampler params beside the UNet's) for
@@ -200,4 +220,4 @@ class ELLARun:
         """Writes the official-layout ELLA (and its config in the file's metadata)."""
         path = workdir / self.export_name
         write_official(path, params, self.config.export_dtype, True, self.model_config)
-        return f"wrote {path} and {workdir / 'ella_config.json'}"
+        return f"wrote {path} and {workdir / SIDECAR_FILE}"

@@ -50,12 +50,12 @@ class Conditioner(NamedTuple):
 
 
 def ella_conditioner(
-    models: "Models", mask_padding: bool, clip_2: nn.Module | None = None
+    models: "Models", mask_padding: bool, sdxl: bool = False, clip_2: nn.Module | None = None
 ) -> Conditioner:
     """ELLA's: text features (precomputed, or the frozen text model on the batch's tokens) and
-    ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`). With SDXL's
-    second CLIP encoder `clip_2`, its projected pooled embedding of the batch's "clip_2_ids"
-    (or the precomputed "pooled") and the batch's "time_ids" are the UNet's added conditions."""
+    ELLA(features, t, token_mask) as the context (the mask: when `mask_padding`). `sdxl`: the
+    UNet's added conditions are the batch's precomputed "pooled" embedding (or SDXL's second
+    CLIP encoder `clip_2`'s projected pooled embedding of its "clip_2_ids") and its "time_ids"."""
 
     def encode(frozen: dict, batch: dict) -> tuple[jax.Array, jax.Array | None]:
         if "t5_features" in batch:
@@ -76,7 +76,7 @@ def ella_conditioner(
             pooled = clip_2.apply({"params": frozen["clip_2"]}, batch["clip_2_ids"], True)[1]
         return dict(added_text_embeds=pooled, added_time_ids=batch["time_ids"])
 
-    return Conditioner(encode, condition, None if clip_2 is None else added)
+    return Conditioner(encode, condition, added if sdxl else None)
 
 
 class StepConfig(NamedTuple):

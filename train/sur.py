@@ -89,6 +89,9 @@ def trainable(params: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), keep)
 
 
+ARCHITECTURE_KEYS = ("depth", "eta", "attend")  # config.sur's: a resume may not change them
+
+
 class SURRun:
     """SUR-adapter trained on CLIP's output of simple captions (see the module docstring)."""
 
@@ -97,6 +100,17 @@ class SURRun:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.options = config.sur
+
+    def architecture_changes(
+        self, saved: ml_collections.ConfigDict, workdir: epath.Path
+    ) -> list[str]:
+        """What of the adapter's shape or attention differs from the run `saved` (its config)
+        trained, as "key old -> new" lines."""
+        return [
+            f"config.sur.{key} {saved.sur.get(key)!r} -> {self.options[key]!r}"
+            for key in ARCHITECTURE_KEYS
+            if saved.sur.get(key) != self.options[key]
+        ]
 
     def check(self, cross_attention_dim: int) -> None:
         """Fails fast, naming the key."""

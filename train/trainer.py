@@ -99,6 +99,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     method.check(cross_attention_dim)
 
 
+def check_resume(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """A run that has trained in `workdir` (a checkpoint or its export) resumes only with the
+    architecture it was trained with: a changed method or shape-bearing key (`ella.*`, the text
+    model's width; `sur.depth`, `sur.eta`, `sur.attend`) would relabel its weights, so it is a
+    ConfigError naming every change, raised before any of the run's files is touched."""
+    saved_path = workdir / RUN_CONFIG_FILE
+    method = method_of(config)
+    checkpoints = workdir / "checkpoints"
+    trained = (workdir / method.export_name).exists() or (
+        checkpoints.is_dir() and any(checkpoints.iterdir())
+    )
+    if not trained or not saved_path.is_file():
+        return
+    saved = ml_collections.ConfigDict(read_json(saved_path))
+    old_method, new_method = saved.get("method", "ella"), config.get("method", "ella")
+    if old_method != new_method:
+        changes = [f"method {old_method!r} -> {new_method!r}"]
+    else:
+        changes = method.architecture_changes(saved, workdir)
+    if changes:
+        raise ConfigError(
+            f"{workdir} holds a run trained with other shapes ({'; '.join(changes)}; "
+            f"{saved_path}): resume it with its own values, or train in a new --workdir"
+        )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Trains (or resumes) the run of `config` in `workdir`. From its first line on, SIGTERM and
     SIGINT stop the run at its next step (the next logged step when there are several
@@ -114,8 +140,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopFlag") -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
     check_config(config)
+    check_resume(config, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------------------------- Mesh
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)

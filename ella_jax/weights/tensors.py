@@ -100,3 +100,4 @@ def write_safetensors(
     """Writes tensors to `path`; wrap in `atomic_path` for an all-or-nothing write."""
     arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
     safetensors.numpy.save_file(arrays, path, metadata=metadata)
+    storage.give_umask_modes(path)  # safetensors writes 0600
