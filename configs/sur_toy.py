@@ -16,16 +16,21 @@ fixed recipe (attention over tokens, the MSE reaching the adapter, the official 
 weights); the README's table names the overrides of the other rows.
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from train.text_encoder import text_encoder_config
+
+# The models and data this repository ships: found wherever the command runs.
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "sur"
-    c.sd = "models/toy/sd"
-    c.t5 = "models/toy/t5"  # the frozen "LLM" of train.precompute's vectors
+    c.sd = str(REPOSITORY / "models/toy/sd")
+    c.t5 = str(REPOSITORY / "models/toy/t5")  # the frozen "LLM" of train.precompute's vectors
     c.text_encoder = text_encoder_config()  # empty path / dtype: c.t5 / c.t5_dtype
     c.sur = ml_collections.ConfigDict(
         dict(

@@ -7,15 +7,21 @@ out/tiny/{metrics.jsonl, events.*, samples/, checkpoints/, ella.safetensors, ell
 The frozen UNet and T5 are random (test fixtures), so samples are noise; the loss still falls.
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from train.text_encoder import text_encoder_config
 
+# The models and data this repository ships: found wherever the command runs.
+REPOSITORY = Path(__file__).resolve().parents[1]
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.sd = "tests/fixtures/reference/sd"  # diffusers folder: unet/, vae/, scheduler/, text_encoder/
-    c.t5 = "tests/fixtures/reference/t5"  # Hugging Face T5 folder
+    # diffusers folder: unet/, vae/, scheduler/, text_encoder/
+    c.sd = str(REPOSITORY / "tests/fixtures/reference/sd")
+    c.t5 = str(REPOSITORY / "tests/fixtures/reference/t5")  # Hugging Face T5 folder
     # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (train/text_encoder.py).
     c.text_encoder = text_encoder_config()
     c.ella = ml_collections.ConfigDict(
@@ -26,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             source="manifest",
-            path="data/tiny/captions.jsonl",
+            path=str(REPOSITORY / "data/tiny/captions.jsonl"),
             resolution=16,
             caption_dropout=0.1,
             max_skipped_fraction=0.5,  # more unreadable images in a logging interval: an error

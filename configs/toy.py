@@ -14,15 +14,22 @@ context the toy UNet was trained on (its CLIP text encoder's); `toyworld.evaluat
 what the UNet draws for held-out captions. About 14 minutes on 2 cores (9.5 of them training).
 """
 
+from pathlib import Path
+
 import ml_collections
 
 from train.text_encoder import text_encoder_config
 
+# The models and data this repository ships: found wherever the command runs.
+REPOSITORY = Path(__file__).resolve().parents[1]
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.sd = "models/toy/sd"  # diffusers folder: unet/, vae/, scheduler/ (+ text_encoder/)
-    c.t5 = "models/toy/t5"  # Hugging Face T5 folder (random weights: the frozen "LLM")
+    # diffusers folder: unet/, vae/, scheduler/ (+ text_encoder/)
+    c.sd = str(REPOSITORY / "models/toy/sd")
+    # Hugging Face T5 folder (random weights: the frozen "LLM")
+    c.t5 = str(REPOSITORY / "models/toy/t5")
     # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (train/text_encoder.py).
     c.text_encoder = text_encoder_config()
     c.ella = ml_collections.ConfigDict(

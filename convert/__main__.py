@@ -23,6 +23,7 @@ from ella_jax.weights.ella import (
 )
 from ella_jax.weights.naming import check_tensors, params_from_torch
 from ella_jax.weights.tensors import CheckpointError, read_json
+from ella_jax.weights.trained_run import RUN_CONFIG_FILE, run_config
 
 DESCRIPTION = """\
 Convert ELLA connector and SUR-adapter checkpoints between the official PyTorch layouts and
@@ -85,6 +86,11 @@ def _trained_params(args: argparse.Namespace, workdir, abstract) -> dict:
 
 def _export(args: argparse.Namespace) -> str:
     workdir = storage.reachable(args.workdir)
+    if run_config(workdir) is None:
+        raise CheckpointError(
+            f"{workdir}: not the work directory of a training run (it holds no run's "
+            f"{RUN_CONFIG_FILE}): give the --workdir of `python -m train.main`"
+        )
     if (workdir / sur.CONFIG_FILE).is_file():  # a SUR-adapter run (config.method="sur")
         return _export_sur(args, workdir)
     config = read_json(workdir / "ella_config.json")
@@ -134,8 +140,7 @@ def _sur_from_pt(args: argparse.Namespace) -> str:
 def _export_sur(args: argparse.Namespace, workdir) -> str:
     config = read_json(workdir / sur.CONFIG_FILE)
     sur.check_config(config, str(workdir / sur.CONFIG_FILE))
-    run = workdir / "config.json"  # the run's config: what the encoder attended over
-    attend = read_json(run).get("sur", {}).get("attend") if run.is_file() else None
+    attend = run_config(workdir).get("sur", {}).get("attend")  # what the encoder attended over
     config = {**config, **({"attend": attend} if attend else {})}
     params = _trained_params(
         args,

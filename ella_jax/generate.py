@@ -17,6 +17,7 @@ from ella_jax.cli import error_exit
 from ella_jax.images import grid, save_png
 from ella_jax.plugin import PluginError, load_function
 from ella_jax.weights.tensors import CheckpointError, read_json
+from ella_jax.weights.trained_run import checkpoint_in, trained_with
 
 DESCRIPTION = """\
 Render prompts with ELLA (T5 -> ELLA connector -> Stable Diffusion UNet) to PNG files.
@@ -37,6 +38,9 @@ Errors print one line and exit with status 2.
 """
 
 DPG_IMAGES = 4  # DPG-Bench scores a 2x2 grid of four samples per prompt
+GAP = 2  # pixels between the cells of grid.png and of the comparisons
+SCHEDULER_FLAGS = {"dpmsolver": "dpm", "ddim": "ddim", "euler": "euler"}  # kind: --scheduler
+SETTINGS_FILE = "settings.json"  # a DPG-Bench output's settings: a resume must match them
 DPG_HEADER_COLUMNS = {"prompt", "prompts", "text", "caption"}
 
 
@@ -188,7 +192,7 @@ class Renderer:
             size=args.size,
             token_length=args.token_length,
             mode=args.mode,
-            scheduler=self.pipe.scheduler.kind,
+            scheduler=SCHEDULER_FLAGS[self.pipe.scheduler.kind],
             dtype=args.dtype,
             sd=str(args.sd),
             t5=str(args.t5),
@@ -209,39 +213,52 @@ def _progress(total: int, unit: str):
 
 
 def _render_prompts(renderer: Renderer, prompts: list[str], args: argparse.Namespace) -> str:
-    out = args.out
+    """Writes the prompts' PNGs and grid.png into a staging folder that replaces ARGS.OUT when
+    all are written: a failed run leaves nothing, and no file of an earlier run stays beside."""
     width = len(str(len(prompts) - 1))
     jobs = [(prompt, args.seed + i) for i, prompt in enumerate(prompts)]
     compare = renderer.batches(jobs, "clip") if args.compare_sd else None
-    all_images: list[Image.Image] = []
-    with _progress(len(prompts), "prompt") as bar:
-        for images in renderer.batches(jobs, args.mode):
-            sd_images = next(compare) if compare is not None else [None] * len(images)
-            for image, sd_image in zip(images, sd_images, strict=True):
-                i = len(all_images)
-                prompt, seed = jobs[i]
-                name = f"{i:0{width}d}_{slugify(prompt)}"
-                metadata = renderer.metadata(prompt, seed=seed, index=i)
-                save_with_metadata(image, out / f"{name}.png", metadata)
-                if sd_image is not None:
-                    pair = Image.fromarray(grid([image, sd_image], columns=2))
-                    metadata["compare"] = f"left: {args.mode}, right: clip (plain SD)"
-                    save_with_metadata(pair, out / f"{name}_compare.png", metadata)
-                all_images.append(image)
-            bar.update(len(images))
-    written = len(all_images) * (2 if args.compare_sd else 1)
-    if len(all_images) > 1:
-        grid_metadata = renderer.metadata(prompts=prompts, seed=args.seed)
-        save_with_metadata(Image.fromarray(grid(all_images)), out / "grid.png", grid_metadata)
-        written += 1
-    return f"wrote {written} PNG files to {out}"
+    cells: list[Image.Image] = []  # the grid's: each image, or each ELLA | SD pair
+    with storage.atomic_path(args.out, overwrite=True) as out:
+        out.mkdir()
+        with _progress(len(prompts), "prompt") as bar:
+            for images in renderer.batches(jobs, args.mode):
+                sd_images = next(compare) if compare is not None else [None] * len(images)
+                for image, sd_image in zip(images, sd_images, strict=True):
+                    i = len(cells) // (2 if compare else 1)
+                    prompt, seed = jobs[i]
+                    name = f"{i:0{width}d}_{slugify(prompt)}"
+                    metadata = renderer.metadata(prompt, seed=seed, index=i)
+                    save_with_metadata(image, out / f"{name}.png", metadata)
+                    cells.append(image)
+                    if sd_image is not None:
+                        pair = Image.fromarray(grid([image, sd_image], columns=2, gap=GAP))
+                        metadata["compare"] = f"left: {args.mode}, right: clip (plain SD)"
+                        save_with_metadata(pair, out / f"{name}_compare.png", metadata)
+                        cells.append(sd_image)
+                bar.update(len(images))
+        written = len(cells)
+        if len(prompts) > 1:
+            layout = {"cells": "row-major, a prompt a cell"}
+            if compare is not None:
+                layout = {"cells": f"a prompt a row: left {args.mode}, right clip (plain SD)"}
+            grid_metadata = renderer.metadata(prompts=prompts, seed=args.seed, **layout)
+            columns = 2 if compare is not None else None
+            image = Image.fromarray(grid(cells, columns=columns, gap=GAP))
+            save_with_metadata(image, out / "grid.png", grid_metadata)
+            written += 1
+    return f"wrote {written} PNG files to {args.out}"
 
 
 def render_dpg_bench(
-    renderer: Renderer, items: list[tuple[str, str]], args: argparse.Namespace
+    renderer: Renderer,
+    items: list[tuple[str, str]],
+    args: argparse.Namespace,
+    settings: dict | None = None,
 ) -> str:
     """Writes ARGS.OUT/<id>.png, the 2x2 grid of the images of seeds SEED..SEED+3, per (id,
-    prompt) of `items`; `args` as `build_parser` parses them."""
+    prompt) of `items`; `args` as `build_parser` parses them. `settings`: written to
+    ARGS.OUT/settings.json with the first grid (what a resume must match)."""
     seeds = list(range(args.seed, args.seed + DPG_IMAGES))
     jobs = [(prompt, seed) for _, prompt in items for seed in seeds]
     pending: list[Image.Image] = []
@@ -253,6 +270,9 @@ def render_dpg_bench(
                 key, prompt = items[done]
                 tiles = Image.fromarray(grid(pending[:DPG_IMAGES], columns=2))
                 metadata = renderer.metadata(prompt, id=key, seed=seeds[0], seeds=seeds)
+                if settings is not None and done == 0:
+                    with storage.atomic_path(args.out / SETTINGS_FILE, overwrite=True) as staged:
+                        staged.write_text(json.dumps(settings, indent=2) + "\n")
                 save_with_metadata(tiles, args.out / f"{key}.png", metadata)
                 del pending[:DPG_IMAGES]
                 done += 1
@@ -282,6 +302,7 @@ def _check_models(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {path}: no such file or directory")
     if args.mode == "sur" and args.sur is None:
         raise UsageError("--mode sur needs --sur")
+    _check_trained_settings(args)
     vae = read_json(args.sd / "vae" / "config.json")
     unet = read_json(args.sd / "unet" / "config.json")
     try:
@@ -291,15 +312,36 @@ def _check_models(args: argparse.Namespace) -> None:
         raise CheckpointError(
             f"{args.sd}: no block_out_channels in vae/ or unet/ config.json"
         ) from None
-    if args.size % (factor * unet_factor):
+    if args.size is not None and args.size % (factor * unet_factor):
         raise UsageError(
             f"--size {args.size} is not divisible by {factor * unet_factor} (the VAE's latent "
             f"factor {factor} times the UNet's downsampling {unet_factor})"
         )
 
 
+def _check_trained_settings(args: argparse.Namespace) -> None:
+    """A connector a run exported is sampled as it trained (its config.json beside it: the
+    pipeline's defaults); a flag that contradicts the run is an error, not an override."""
+    if args.ella is None:
+        return
+    trained = trained_with(checkpoint_in(args.ella))
+    if trained is None:
+        return
+    padding = "masked" if trained.token_length == "flexible" else "attended"
+    if args.token_length not in (None, trained.token_length):
+        raise UsageError(
+            f"--token-length {args.token_length}: {trained.source} trained the connector with "
+            f"its padding {padding} (token length {trained.token_length}); leave the flag out"
+        )
+    if args.text_layer not in (None, trained.text_layer):
+        raise UsageError(
+            f"--text-layer {args.text_layer}: {trained.source} trained the connector on layer "
+            f"{trained.text_layer} (None: the last); leave the flag out"
+        )
+
+
 def _run(args: argparse.Namespace) -> str:
-    if args.batch_size < 1 or args.steps < 1 or args.size < 1:
+    if args.batch_size < 1 or args.steps < 1 or (args.size is not None and args.size < 1):
         raise UsageError("--batch-size, --steps and --size must be positive")
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be positive")
@@ -316,14 +358,20 @@ def _run(args: argparse.Namespace) -> str:
         if args.upsample_captions
         else None
     )
-    storage.reachable(args.out).mkdir(parents=True, exist_ok=True)
-
+    out = storage.reachable(args.out)
+    settings = _settings(args)
     if args.dpg_bench is not None:
-        todo = [(key, prompt) for key, prompt in items if not (args.out / f"{key}.png").exists()]
+        _check_resumable(out, settings, args.overwrite)
+        todo = [(key, prompt) for key, prompt in items if not (out / f"{key}.png").exists()]
         if len(todo) < len(items):
-            print(f"{len(items) - len(todo)} of {len(items)} prompts already done in {args.out}")
+            print(f"{len(items) - len(todo)} of {len(items)} prompts already done in {out}")
         if not todo:
             return "nothing to do"
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(
+            f"--out {out}: not empty; use a new folder, or --overwrite to replace it whole"
+        )
+    print("loading the models ...", flush=True)
 
     from ella_jax.pipeline import ELLAPipeline
 
@@ -338,13 +386,56 @@ def _run(args: argparse.Namespace) -> str:
         sur_mode=args.sur_mode,
         text_layer=args.text_layer,
     )
+    # What the pipeline takes from its models and the connector's run when no flag says.
+    args.size = args.size or pipe.default_size
+    args.token_length = args.token_length or pipe.token_length
     if args.mode == "sur" and pipe.modules["sur"].attend == "batch" and args.batch_size > 1:
         print("the SUR-adapter attends over the batch (official): one prompt per batch")
         args.batch_size = 1
     renderer = Renderer(pipe, args, upsample)
     if args.dpg_bench is not None:
-        return render_dpg_bench(renderer, todo, args)
+        return render_dpg_bench(renderer, todo, args, settings)
     return _render_prompts(renderer, prompts, args)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """What a DPG-Bench output's grids depend on, as given: the flags, and the version (size
+    and modification time) of each checkpoint, so that a retrained connector counts too."""
+    names = ("sd", "t5", "text_layer", "ella", "ella_heads", "sur", "sur_mode", "dtype", "mode",
+             "steps", "guidance", "seed", "size", "token_length", "negative_prompt", "scheduler",
+             "upsample_captions")  # fmt: skip
+    settings = {name: getattr(args, name) for name in names}
+    settings = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}
+    for name, method in (("ella", "ella"), ("sur", "sur")):
+        if settings[name] is not None:
+            checkpoint = checkpoint_in(settings[name], method)
+            files = [checkpoint] if checkpoint.is_file() else sorted(checkpoint.iterdir())
+            versions = [storage.version(f) for f in files if f.is_file()]
+            settings[f"{name}_version"] = ";".join(versions)
+    return settings
+
+
+def _check_resumable(out: epath.Path, settings: dict, overwrite: bool) -> None:
+    """A DPG-Bench output is resumed only when its grids were drawn with `settings`;
+    `overwrite`: it is removed and drawn again."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if overwrite:
+        out.rmtree()
+        return
+    saved_path = out / SETTINGS_FILE
+    if not saved_path.is_file():
+        raise UsageError(
+            f"--out {out}: holds files but no {SETTINGS_FILE} (not a DPG-Bench output of this "
+            "command): use a new folder, or --overwrite to replace it"
+        )
+    saved = read_json(saved_path)
+    changes = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    if changes:
+        raise UsageError(
+            f"--out {out}: its grids were drawn with other settings ({'; '.join(changes)}): use "
+            "a new folder, or --overwrite to draw them all again"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,15 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="the LLM's hidden-state entry the connector was trained on (transformers' "
-        "numbering; default: the last hidden state, as config.text_encoder.layer unset)",
+        "numbering; default: the run's config.text_encoder.layer for a run's export, else the "
+        "last hidden state)",
     )
     models.add_argument(
         "--ella",
         type=storage.path,
         default=None,
         metavar="PATH",
-        help="official ELLA .safetensors (ella-sd1.5-tsc-t5xl) or a converted directory; "
-        "needed by the ELLA modes",
+        help="official ELLA .safetensors (ella-sd1.5-tsc-t5xl), a converted directory, or a "
+        "training run's --workdir (its ella.safetensors); needed by the ELLA modes. A run's "
+        "export brings the run's settings: heads, token length, text layer",
     )
     models.add_argument(
         "--sur",
@@ -451,7 +544,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
-        "--out", type=storage.path, required=True, metavar="DIR", help="output folder (created)"
+        "--out",
+        type=storage.path,
+        required=True,
+        metavar="DIR",
+        help="output folder: new or empty (a DPG-Bench one drawn with the same settings "
+        "resumes); written whole or not at all, except DPG-Bench's, grid by grid",
+    )
+    sampling.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a --out that holds files (another run's, or DPG-Bench grids drawn with "
+        "other settings)",
     )
     sampling.add_argument(
         "--steps", type=int, default=50, metavar="N", help="sampler steps (default: 50)"
@@ -473,16 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--size",
         type=int,
-        default=512,
+        default=None,
         metavar="PIXELS",
-        help="image height and width in pixels (default: 512)",
+        help="image height and width in pixels (default: the UNet's sample_size times the "
+        "VAE's scale factor, as diffusers: 512 for SD 1.5, 1024 for SDXL)",
     )
     sampling.add_argument(
         "--token-length",
         choices=("fixed", "flexible"),
-        default="fixed",
+        default=None,
         help="T5 tokens: 'fixed' pads and truncates to 128 as ELLA's reference inference; "
-        "'flexible' keeps each prompt's own tokens (default: fixed)",
+        "'flexible' keeps each prompt's own tokens and masks the padding (default: what the "
+        "connector's run trained with, read from the config.json beside its export, where "
+        "one that contradicts it is an error; else fixed)",
     )
     sampling.add_argument(
         "--batch-size",
@@ -501,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--scheduler",
-        choices=("dpm", "ddim", "euler"),
+        choices=tuple(SCHEDULER_FLAGS.values()),
         default=None,
         help="sampler, overriding the SD folder's scheduler class (default: the folder's)",
     )

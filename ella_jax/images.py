@@ -9,6 +9,8 @@ from PIL import Image, PngImagePlugin
 
 from ella_jax import storage
 
+GAP_GREY = 128  # the lines between a grid's cells, and its empty cells
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Floats in [0, 1] (or uint8 already) -> uint8."""
@@ -19,18 +21,26 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def grid(
-    images: np.ndarray | Sequence[np.ndarray | Image.Image], columns: int | None = None
+    images: np.ndarray | Sequence[np.ndarray | Image.Image],
+    columns: int | None = None,
+    gap: int = 0,
 ) -> np.ndarray:
     """N images of one size ((N, H, W, C) floats in [0, 1] or uint8, or PIL images) -> one
-    (rows * H, columns * W, C) uint8 image, near-square by default, row-major, empty cells black."""
+    uint8 image of `columns` (default: near-square) per row, row-major. `gap` > 0: grey lines
+    of that width around and between the cells, and empty cells grey, so that neither a black
+    image nor an empty cell looks like the other; 0: the cells touch (DPG-Bench's 2x2 grids,
+    which its evaluation cuts into equal quarters), empty cells black."""
     images = to_uint8(np.stack([np.asarray(image) for image in images]))
     count, height, width, channels = images.shape
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    canvas = np.zeros((rows * height, columns * width, channels), np.uint8)
+    step_y, step_x = height + gap, width + gap
+    shape = (rows * step_y + gap, columns * step_x + gap, channels)
+    canvas = np.full(shape, GAP_GREY if gap else 0, np.uint8)
     for i, image in enumerate(images):
         row, column = divmod(i, columns)
-        canvas[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+        y, x = gap + row * step_y, gap + column * step_x
+        canvas[y : y + height, x : x + width] = image
     return canvas
 
 

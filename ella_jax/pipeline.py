@@ -27,6 +27,7 @@ from ella_jax.weights.ella import load_ella
 from ella_jax.weights.sur import load_sur_adapter
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from ella_jax.weights.text_model import load_text_model
+from ella_jax.weights.trained_run import TrainedWith, checkpoint_in, trained_with
 
 FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
 Mode = Literal["ella", "ella+clip", "clip", "sur"]
@@ -55,12 +56,17 @@ class ELLAPipeline:
         scheduler: SchedulerConfig,
         mesh: Mesh | None = None,
         force_zeros_for_empty_prompt: bool = False,
+        trained: TrainedWith | None = None,
     ) -> None:
         self.modules = modules
         self.tokenizers = tokenizers
         self.scheduler = scheduler
         self.mesh = mesh
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        # The connector's run: its token length and padding are the defaults of every call.
+        self.trained = trained
+        self.token_length = trained.token_length if trained else "fixed"
+        self.fixed_token_length = trained.max_tokens if trained else FIXED_TOKEN_LENGTH
         if mesh is not None:
             params = jax.device_put(params, param_shardings(params, mesh))
         self.params = params
@@ -100,15 +106,31 @@ class ELLAPipeline:
         """sd: a diffusers Stable Diffusion folder; t5: ELLA's text model, a Hugging Face T5
         folder (flan-t5-xl) or decoder-only LLM folder (Llama, Mistral, Qwen2; `text_layer`: the
         hidden-state entry its connector was trained on, None: the last), `modules["t5"]` then;
-        ella: an official ELLA .safetensors or a converted directory (`ella_heads` as in
-        `load_ella`); ELLA needs the text model. sur: a SUR-adapter (`load_sur_adapter`, `sur_mode`
-        "official": its encoder attends over the batch, as released; "fixed": over tokens;
-        None: as the file stores, else official).
+        ella: an official ELLA .safetensors, a converted directory or a training work directory
+        (its export; `ella_heads` as in `load_ella`); ELLA needs the text model. An ELLA a run
+        exported brings the run's settings (its config.json beside it): its text layer, and the
+        token length and padding of every call; a `text_layer` that contradicts it is an error.
+        sur: a SUR-adapter (`load_sur_adapter`, or a training work directory; `sur_mode`
+        "official": its encoder attends over the batch, as released; "fixed": over tokens; None:
+        as the file stores, else official).
         `dtype` is the UNet, VAE, CLIP, ELLA and SUR compute and parameter dtype; `t5_dtype`
         defaults to float32 in a float32 pipeline and to float16 otherwise, the dtype ELLA's
         features were trained on. `scheduler`: "dpm", "ddim" or "euler" overrides the folder's
         scheduler class. `mesh`: shard the parameters and the batch over it."""
         sd = storage.reachable(sd)
+        trained = None
+        if ella is not None:
+            ella = checkpoint_in(ella)
+            trained = trained_with(ella)
+        if sur is not None:
+            sur = checkpoint_in(sur, "sur")
+        if trained is not None:
+            if text_layer is not None and text_layer != trained.text_layer:
+                raise CheckpointError(
+                    f"text_layer={text_layer}, but {trained.source} trained the connector on "
+                    f"layer {trained.text_layer} (None: the last)"
+                )
+            text_layer = trained.text_layer
         dtype = jnp.dtype(dtype)
         t5_dtype = jnp.dtype(t5_dtype or (jnp.float32 if dtype == jnp.float32 else jnp.float16))
         unet, unet_params = load_unet(sd / "unet", dtype)
@@ -150,18 +172,28 @@ class ELLAPipeline:
             sd / "scheduler" / "scheduler_config.json",
             functools.partial(SchedulerConfig.from_dict, kind=scheduler),
         )
-        return cls(modules, params, tokenizers, scheduler_config, mesh, zeros)
+        return cls(modules, params, tokenizers, scheduler_config, mesh, zeros, trained)
+
+    @property
+    def default_size(self) -> int:
+        """Pixels of an image's side when none is asked for: the UNet's sample_size times the
+        VAE's scale factor, as diffusers."""
+        vae_blocks = len(self.modules["vae"].config.block_out_channels)
+        return self.modules["unet"].config.sample_size * 2 ** (vae_blocks - 1)
 
     def encode_prompt(
-        self, prompts: list[str] | str, token_length: Literal["fixed", "flexible"] = "fixed"
+        self, prompts: list[str] | str, token_length: Literal["fixed", "flexible"] | None = None
     ) -> tuple[jax.Array, np.ndarray]:
         """Text features (B, L, width) and token mask (B, L) bool. "fixed": padded and truncated
-        to 128 tokens (the connector sees all of them, as in the reference); "flexible": each
-        prompt's own tokens, the batch padded and the padding masked."""
+        to 128 tokens (or the token length the connector's run trained with; the connector sees
+        all of them, as in the reference); "flexible": each prompt's own tokens, the batch
+        padded and the padding masked. None: the run's ("flexible" where it masked padding),
+        else "fixed"."""
+        token_length = token_length or self.token_length
         if token_length not in ("fixed", "flexible"):
             raise ValueError(f"token_length={token_length!r}: use 'fixed' or 'flexible'")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        max_length = FIXED_TOKEN_LENGTH if token_length == "fixed" else None
+        max_length = self.fixed_token_length if token_length == "fixed" else None
         ids, mask = tokenize(self.tokenizers["t5"], prompts, max_length)
         features = self._t5(self.params["t5"], ids, mask)
         # In the fixed mode the reference connector attends to every position, padding included.
@@ -189,7 +221,7 @@ class ELLAPipeline:
         self,
         prompts: list[str],
         negative_prompts: list[str] | None,
-        token_length: Literal["fixed", "flexible"],
+        token_length: Literal["fixed", "flexible"] | None,
         mode: Mode,
         clip_prompts: list[str] | None = None,
     ) -> tuple[TextConditioning, TextConditioning]:
@@ -236,9 +268,9 @@ class ELLAPipeline:
         negative_prompt: list[str] | str | None = "",
         num_inference_steps: int = 50,
         guidance_scale: float = 12.0,
-        token_length: Literal["fixed", "flexible"] = "fixed",
-        height: int = 512,
-        width: int = 512,
+        token_length: Literal["fixed", "flexible"] | None = None,
+        height: int | None = None,
+        width: int | None = None,
         latents: np.ndarray | jax.Array | None = None,
         seed: int = 0,
         output_type: Literal["pil", "np", "latent"] = "pil",
@@ -248,12 +280,15 @@ class ELLAPipeline:
     ):
         """Generates one image per prompt. `negative_prompt` None: the empty prompt, or zeros
         for an SDXL folder that forces them (see `conditioning`); SDXL's time ids are (height,
-        width, 0, 0, height, width). `latents` (B, h, w, C) NHWC is the initial noise
-        (default: normal noise from `seed`). output_type "np": (B, H, W, 3) floats in [0, 1];
-        "latent": the final NHWC latents; "pil": a list of PIL images. `clip_prompts` gives CLIP
-        other prompts than T5 (ELLA+CLIP: tags for CLIP, the sentence for T5). `sur_dropout`: the
-        SUR-adapter's dropout on (drawn from `seed`), as the official demo leaves it."""
+        width, 0, 0, height, width). `token_length` None: the connector's run's (see
+        `encode_prompt`); `height`, `width` None: `default_size`. `latents` (B, h, w, C) NHWC
+        is the initial noise (default: normal noise from `seed`). output_type "np": (B, H, W,
+        3) floats in [0, 1]; "latent": the final NHWC latents; "pil": a list of PIL images.
+        `clip_prompts` gives CLIP other prompts than T5 (ELLA+CLIP: tags for CLIP, the sentence
+        for T5). `sur_dropout`: the SUR-adapter's dropout on (drawn from `seed`), as the
+        official demo leaves it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        height, width = height or self.default_size, width or self.default_size
         if negative_prompt is None:
             negatives = None
         else:

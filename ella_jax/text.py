@@ -19,6 +19,9 @@ MORE_TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "added_tokens.j
 def load_tokenizer(folder: str | os.PathLike):
     """The tokenizer saved in `folder` (tokenizer.json, or vocab.json + merges.txt, or
     spiece.model), never from the network."""
+    # Without torch, importing transformers warns that its models are unavailable: this project
+    # wants its tokenizers only, and never torch at run time.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer
 
     folder = storage.path(folder)

@@ -16,4 +16,4 @@ if [ ! -d out/toy-llm-features ]; then
 fi
 python -m train.main --config configs/toy.py --workdir out/toy-llm "${llm[@]}" \
   --config.data.path=out/toy-llm-features "$@"
-python -m toyworld.evaluate --models models/toy --workdir out/toy-llm
+python -m toyworld.evaluate --workdir out/toy-llm --overwrite

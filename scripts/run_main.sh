@@ -17,4 +17,4 @@ if [ ! -d out/toy-features ]; then
     --config.data.source=array_record --config.data.path="$scenes" "$@"
 fi
 python -m train.main --config configs/toy.py --workdir out/toy "$@"
-python -m toyworld.evaluate --models models/toy --workdir out/toy
+python -m toyworld.evaluate --workdir out/toy --overwrite  # rerun: scores the resumed run anew

@@ -214,3 +214,15 @@ def test_info_describes_the_checkpoint_and_runs_it(capsys):
     assert "width=64 layers=2 heads=4 num_latents=16 input_dim=96" in out
     assert f"{count:,} parameters in {len(tensors)} tensors" in out
     assert "features (3, 5, 96) at timestep 999 -> (3, 16, 64) float32, finite=True" in out
+
+
+def test_export_of_a_folder_that_is_no_work_directory_says_so(tmp_path, capsys):
+    """A converted checkpoint's folder (its config.json is the model's): one line that says
+    what the folder is not, instead of a missing ella_config.json."""
+    assert main(["to-jax", str(REFERENCE / "ella.safetensors"), str(tmp_path / "jax"),
+                 "--heads", "4"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "jax"), str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'jax'}: not the work directory of a training run")
+    assert err.count("\n") == 1 and not (tmp_path / "out.safetensors").exists()

@@ -55,6 +55,15 @@ def test_padding_is_ignored_under_the_mask(ella_fp32):
     assert relative_error(out, expected) < 1e-5
 
 
+def test_features_of_another_width_are_named(ella_fp32):
+    """Features of the wrong width: the widths named, not Flax's ScopeParamShapeError."""
+    model, params = ella_fp32
+    features = np.zeros((1, 4, model.input_dim + 32), np.float32)
+    message = f"features have width {model.input_dim + 32}, the connector expects {model.input_dim}"
+    with pytest.raises(ValueError, match=message):
+        jax.jit(model.apply)({"params": params}, features, 999.0)
+
+
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="heads=5 does not divide width=64"):
         ELLA(width=64, heads=5)

@@ -3,6 +3,10 @@ caption-upsampling helper. Few runs, shared by module-scoped fixtures: each load
 
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from PIL import Image
 from ella_jax import storage
 from ella_jax.captions import INSTRUCTION, build_messages, upsample_caption
 from ella_jax.generate import main, slugify
+from ella_jax.images import GAP_GREY
 
 MODELS = [
     "--sd", str(REFERENCE / "sd"),
@@ -75,8 +80,26 @@ def test_one_png_per_prompt_with_metadata_and_grid(batched):
         metadata = json.loads(image.text["ella-jax"])
         assert metadata["prompt"] == prompt and metadata["seed"] == 7 + i
         assert metadata["steps"] == 2 and metadata["size"] == 16 and metadata["mode"] == "ella"
-    # Three 16x16 images: a near-square grid of 2 columns and 2 rows.
-    assert Image.open(batched / "grid.png").size == (32, 32)
+        assert metadata["scheduler"] == "dpm"  # the --scheduler name of the folder's class
+    # Three 16x16 images: a near-square grid of 2 columns and 2 rows, 2 px grey lines around
+    # and between the cells; the empty fourth cell grey, not a black image.
+    grid_image = pixels(batched / "grid.png")
+    assert grid_image.shape == (2 + 2 * 18, 2 + 2 * 18, 3)
+    assert (grid_image[:2] == GAP_GREY).all() and (grid_image[:, 16:20][2:18] != 0).any()
+    assert (grid_image[20:36, 20:36] == GAP_GREY).all()
+    grid_metadata = json.loads(Image.open(batched / "grid.png").text["ella-jax"])
+    assert grid_metadata["prompts"] == PROMPTS and "row-major" in grid_metadata["cells"]
+
+
+def test_compare_grid_has_both_renders(single):
+    """--compare-sd's grid.png: a prompt a row, ELLA left and plain SD right."""
+    grid_image = pixels(single / "grid.png")
+    assert grid_image.shape == (2 + 3 * 18, 2 + 2 * 18, 3)
+    for i, name in enumerate(NAMES):
+        pair = pixels(single / name.replace(".png", "_compare.png"))
+        row = grid_image[2 + 18 * i : 18 + 18 * i]
+        np.testing.assert_array_equal(row[:, 2:18], pair[2:18, 2:18])
+        np.testing.assert_array_equal(row[:, 20:36], pair[2:18, 20:36])
 
 
 def test_batch_size_does_not_change_images(batched, single):
@@ -88,9 +111,9 @@ def test_batch_size_does_not_change_images(batched, single):
 def test_compare_sd(single):
     for name in NAMES:
         compare = single / name.replace(".png", "_compare.png")
-        assert Image.open(compare).size == (32, 16)
-        # ELLA's image is the left half.
-        assert np.array_equal(pixels(compare)[:, :16], pixels(single / name))
+        assert Image.open(compare).size == (2 + 2 * 18, 2 + 18)  # two cells, 2 px lines
+        # ELLA's image is the left cell.
+        assert np.array_equal(pixels(compare)[2:18, 2:18], pixels(single / name))
 
 
 def test_upsampled_captions_reach_the_encoders(batched, tmp_path, monkeypatch):
@@ -134,13 +157,15 @@ def test_models_and_outputs_in_a_bucket(batched, buckets):
 
 
 def test_dpg_bench_grids_and_resume(tmp_path, capsys):
+    """Grids of 4 in DPG-Bench's layout, and settings.json; a rerun resumes (nothing drawn),
+    a rerun with other --steps is one error line, and --overwrite draws them all again."""
     tsv = tmp_path / "prompts.tsv"
     tsv.write_text("item_id\tprompt\nA1\ta red cube on a table\nb_2\ttwo dogs in the snow\n")
     out = tmp_path / "out"
     # A batch of 3 images straddles the two prompts' grids of 4.
     argv = [*MODELS, "--dpg-bench", str(tsv), "--batch-size", "3", "--out", str(out)]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["A1.png", "b_2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["A1.png", "b_2.png", "settings.json"]
     for name in ("A1.png", "b_2.png"):
         image = Image.open(out / name)
         assert image.size == (32, 32)
@@ -150,6 +175,37 @@ def test_dpg_bench_grids_and_resume(tmp_path, capsys):
     assert main(argv) == 0
     assert "2 of 2 prompts already done" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    (out / "A1.png").unlink()
+    changed = [arg if arg != "2" else "3" for arg in argv]  # --steps 3
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: its grids were drawn with other settings")
+    assert "steps 2 -> 3" in err and err.count("\n") == 1
+    assert not (out / "A1.png").exists()
+    assert main([*changed, "--overwrite"]) == 0
+    assert json.loads(Image.open(out / "b_2.png").text["ella-jax"])["steps"] == 3
+    assert json.loads((out / "settings.json").read_text())["steps"] == 3
+
+
+def test_an_output_folder_is_new_or_replaced_whole(tmp_path, capsys):
+    """A --out with another run's files is refused in one line; --overwrite replaces it whole
+    (no old grid.png beside the new images); a run that fails leaves no folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"an earlier run's")
+    argv = [*MODELS, "--prompt", PROMPTS[0], "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: not empty") and err.count("\n") == 1
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [NAMES[0]]
+    failing = tmp_path / "failing.py"
+    failing.write_text("def reply(messages):\n    raise OSError('the LLM is down')\n")
+    failed = tmp_path / "failed"
+    argv = [*MODELS, "--prompt", PROMPTS[0], "--out", str(failed)]
+    assert main([*argv, "--upsample-captions", f"{failing}:reply"]) == 2
+    assert "the LLM is down" in capsys.readouterr().err
+    assert not failed.exists()
 
 
 def test_missing_prompts_file_is_one_error_line(tmp_path, capsys):
@@ -217,3 +273,70 @@ def test_sur_adapter_renders_without_t5_or_ella(batched, tmp_path, capsys):
     assert main([*models, "--mode", "ella", "--prompt", "a", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "needs --t5" in err
+
+
+def test_a_runs_export_is_sampled_as_the_run_trained(uninterrupted, tmp_path, capsys):
+    """A tiny run's export (4 heads; its config.json made to say padding masked at 16 tokens),
+    given as the file or as the work directory with no --ella-heads, --size or --token-length,
+    renders what the same command renders with the run's values; before, the defaults were
+    fixed tokens at 512 px. A flag that contradicts the run is one error line."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**config, "mask_padding": True,
+                                                     "token_length": 16}))  # fmt: skip
+    base = ["--sd", str(REFERENCE / "sd"), "--t5", str(REFERENCE / "t5"), "--steps", "2"]
+    base += ["--prompt", PROMPTS[0], "--prompt", PROMPTS[2]]
+    export = str(workdir / "ella.safetensors")
+    runs = {
+        "file": ["--ella", export],
+        "workdir": ["--ella", str(workdir)],
+        "explicit": ["--ella", export, "--ella-heads", "4", "--size", "16",
+                     "--token-length", "flexible"],
+    }  # fmt: skip
+    for name, flags in runs.items():
+        assert main([*base, *flags, "--out", str(tmp_path / name)]) == 0, name
+    for image in NAMES[:1]:
+        expected = pixels(tmp_path / "explicit" / image)
+        assert expected.shape == (16, 16, 3)
+        for name in ("file", "workdir"):
+            np.testing.assert_array_equal(pixels(tmp_path / name / image), expected)
+    metadata = json.loads(Image.open(tmp_path / "file" / NAMES[0]).text["ella-jax"])
+    assert (metadata["size"], metadata["token_length"]) == (16, "flexible")
+    capsys.readouterr()
+    argv = [*base, "--ella", export, "--token-length", "fixed", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --token-length fixed: ") and err.count("\n") == 1, err
+    assert str(workdir / "config.json") in err
+
+
+def test_a_work_directory_without_its_export_is_one_error_line(uninterrupted, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    (workdir / "ella.safetensors").unlink()
+    base = ["--sd", str(REFERENCE / "sd"), "--t5", str(REFERENCE / "t5"), "--prompt", "a"]
+    assert main([*base, "--ella", str(workdir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {workdir}: a work directory without its export"), err
+    assert "python -m convert export" in err and err.count("\n") == 1
+
+
+def test_no_torch_warning_where_torch_is_missing():
+    """Loading a tokenizer where torch is not installed (find_spec says so, as transformers
+    checks) prints nothing: transformers' "PyTorch was not found" advice is silenced."""
+    code = (
+        "import importlib.util\n"
+        "find_spec = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == 'torch' "
+        "else find_spec(name, *a)\n"
+        "from ella_jax.text import load_tokenizer\n"
+        f"load_tokenizer({str(REFERENCE / 't5')!r})\n"
+        "import transformers.utils as u\n"
+        "assert not u.is_torch_available()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "PyTorch was not found" not in done.stderr + done.stdout, done.stderr

@@ -215,10 +215,23 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         scenes.main(["--help"])
     assert exit_info.value.code == 0 and "--array-record" in capsys.readouterr().out
-    scenes.main(["--out", str(tmp_path), "--count", "3", "--seed", "0", "--array-record"])
-    assert (tmp_path / "toyworld.array_record").is_file()
-    scenes.main(["--out", str(tmp_path), "--count", "3", "--seed", "0", "--size", "64"])
-    assert len(data.read_manifest(tmp_path / "captions.jsonl")) == 3
+    shard = ["--out", str(tmp_path / "a"), "--count", "3", "--seed", "0", "--array-record"]
+    assert scenes.main(shard) == 0
+    assert (tmp_path / "a" / "toyworld.array_record").is_file()
+    folder = ["--out", str(tmp_path / "f"), "--count", "3", "--seed", "0", "--size", "64"]
+    assert scenes.main(folder) == 0
+    assert len(data.read_manifest(tmp_path / "f" / "captions.jsonl")) == 3
+    # An existing output is kept (one error line), as convert and generate keep theirs.
+    before = (tmp_path / "f" / "captions.jsonl").read_text()
+    capsys.readouterr()
+    assert scenes.main([*folder[:-1], "32"]) == 2
+    assert (
+        capsys.readouterr().err == f"error: {tmp_path / 'f'}: already exists (pass --overwrite)\n"
+    )
+    assert scenes.main(shard) == 2
+    assert (tmp_path / "f" / "captions.jsonl").read_text() == before
+    assert scenes.main([*folder[:-1], "32", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["captions.jsonl", "images"]
 
 
 def test_paraphrases_use_no_word_of_the_templates(world):

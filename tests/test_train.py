@@ -31,6 +31,7 @@ from conftest import (
     upload,
     wait_for,
 )
+from PIL import Image
 
 from ella_jax import load_ella, storage
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
@@ -49,7 +50,10 @@ def test_tiny_config_runs_to_the_end(uninterrupted):
         assert np.isfinite(m["loss"]) and m["skipped_images"] == 0
         # MFU on the CPU: against a measured matmul rate, the tiny models far below it.
         assert m["samples_per_s"] > 0 and m["tflops_per_device"] > 0 and 0 < m["mfu"] < 1
-    assert (uninterrupted / "samples" / "step_0000012.png").is_file()
+    samples = json.loads(
+        Image.open(uninterrupted / "samples" / "step_0000012.png").text["ella-jax"]
+    )
+    assert samples["step"] == 12 and samples["prompts"] == list(tiny_config().sample_prompts)
     assert list(uninterrupted.glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["12", "8"]
     config = json.loads((uninterrupted / "ella_config.json").read_text())
@@ -396,6 +400,23 @@ def test_exported_files_are_readable_by_others(uninterrupted, tmp_path):
     assert stat.S_IMODE((tmp_path / "jax").stat().st_mode) == 0o755
 
 
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        ("train.main", "Rerunning the same command resumes"),
+        ("train.precompute", "overwrite: Replace --out"),
+        ("toyworld.evaluate", "Errors print one line and exit 2."),
+    ],
+)
+def test_help_is_whole_and_exits_zero(module, expected):
+    """--help of the absl commands exits 0 (absl's own exits 1); toyworld.evaluate's shows its
+    whole description (it stopped mid-sentence) and its defaults."""
+    done = run_command([sys.executable, "-m", module, "--help"])
+    assert done.returncode == 0 and expected in done.stdout, (done.stdout, done.stderr)
+    if module == "toyworld.evaluate":
+        assert "held-out captions (192)" in done.stdout
+
+
 def test_precompute_command_line(precomputed):
     """`python -m train.precompute` wrote every example and the empty caption's features; run
     again without --overwrite it refuses in one error line, leaving the folder as it was."""
@@ -450,8 +471,8 @@ def test_a_cluster_join_that_fails_is_an_error(monkeypatch):
         raise RuntimeError("DEADLINE_EXCEEDED: barrier timed out")
 
     monkeypatch.setattr(jax.distributed, "initialize", unreachable)
-    with pytest.raises(ValueError, match=r"--coordinator_address=10.0.0.1:1234 --num_processes=2"
-                       r" --process_id=1 failed: DEADLINE_EXCEEDED"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"--coordinator-address=10.0.0.1:1234 --num-processes=2"
+                       r" --process-id=1 failed: DEADLINE_EXCEEDED"):  # fmt: skip
         initialize_distributed("10.0.0.1:1234", 2, 1)
 
 

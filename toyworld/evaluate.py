@@ -1,7 +1,7 @@
 """Scores what the frozen toy UNet draws for held-out captions, three ways:
 
-    python -m toyworld.evaluate --models models/toy --workdir out/toy [--count 192] [--seed 1]
-        [--dpg-count 64]
+    python -m toyworld.evaluate --workdir out/toy [--models models/toy] [--count 192] [--seed 1]
+        [--dpg-count 64] [--overwrite]
 
 - "toy SD": the toy Stable Diffusion with its own CLIP text encoder (the ceiling);
 - "untrained ELLA": the connector of WORKDIR/ella_config.json at its random initialisation;
@@ -12,7 +12,7 @@ it names another, such as models/toy/llm).
 
 The captions are those of `--count` scenes drawn with `--seed` (the training data uses other
 seeds). The connector reads the T5 tokens as it was trained to (WORKDIR/config.json): each
-caption's own tokens when it masked the padding, else the reference's fixed 128.
+caption's own tokens when it masked the padding, else the run's fixed token length.
 
 Each way also takes the toy DPG-Bench (`toyworld.dpg_bench`) on the first `--dpg-count` of those
 captions: `python -m ella_jax.generate --dpg-bench` draws its 2x2 grids (seeds 0-3), and
@@ -20,12 +20,14 @@ captions: `python -m ella_jax.generate --dpg-bench` draws its 2x2 grids (seeds 0
 
 Writes WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first `--grid` captions
 per way, top to bottom as listed), captions.txt, dpg_bench/} (dpg_bench/: the CSV, and per way
-its grids and scores as those commands write them).
+its grids and scores as those commands write them), whole or not at all; an existing eval/ is
+kept unless --overwrite. About 2 minutes on 2 CPU cores. Errors print one line and exit 2.
 """
 
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -36,14 +38,17 @@ import numpy as np
 from etils import epath
 
 from ella_jax import dpg_bench, generate, storage
+from ella_jax.cli import error_exit
 from ella_jax.images import grid, save_png, to_uint8
 from ella_jax.pipeline import ELLAPipeline
 from ella_jax.storage import atomic_path
 from ella_jax.weights.tensors import CheckpointError, read_json
+from ella_jax.weights.trained_run import RUN_CONFIG_FILE
 from toyworld import dpg_bench as toy_dpg_bench
 from toyworld.scenes import generate as generate_scenes
 from toyworld.score import ATTRIBUTES, score, score_many
-from train.trainer import RUN_CONFIG_FILE
+
+REPOSITORY_MODELS = Path(__file__).resolve().parents[1] / "models" / "toy"
 
 
 def draw(
@@ -55,12 +60,15 @@ def draw(
     seed: int,
     token_length: Literal["fixed", "flexible"],
     batch: int = 64,
+    description: str = "drawing",
 ) -> np.ndarray:
     """(N, 32, 32, 3) uint8 images for `captions`, in batches of `batch` (one compiled shape;
     fewer captions: one batch of them)."""
+    from tqdm import tqdm
+
     batch = min(batch, len(captions))
     images = []
-    for start in range(0, len(captions), batch):
+    for start in tqdm(range(0, len(captions), batch), desc=description, unit="batch"):
         part = captions[start : start + batch]
         padded = part + [""] * (batch - len(part))
         drawn = pipeline(
@@ -85,7 +93,9 @@ def untrained(pipeline: ELLAPipeline, seed: int) -> ELLAPipeline:
         "params"
     ]
     params = {**pipeline.params, "ella": params}
-    return ELLAPipeline(pipeline.modules, params, pipeline.tokenizers, pipeline.scheduler)
+    return ELLAPipeline(
+        pipeline.modules, params, pipeline.tokenizers, pipeline.scheduler, trained=pipeline.trained
+    )
 
 
 def evaluate(
@@ -98,30 +108,27 @@ def evaluate(
     grid_count: int,
     token_length: Literal["fixed", "flexible"] | None = None,
     dpg_count: int = 64,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{way: {attribute: accuracy}} (see the module docstring); writes WORKDIR/eval.
-    token_length: the pipeline's T5 token mode; None: "flexible" when the run trained with
-    mask_padding (WORKDIR/config.json), else "fixed". dpg_count: toy DPG-Bench prompts (0:
-    none)."""
+    token_length: the pipeline's T5 token mode; None: the run's ("flexible" where it trained
+    with mask_padding, WORKDIR/config.json). dpg_count: toy DPG-Bench prompts (0: none).
+    overwrite: replace an existing WORKDIR/eval (else a FileExistsError, before any work)."""
     checkpoint = workdir / "ella.safetensors"
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: not found (train first: see configs/toy.py)")
-    # The official file does not hold the head count; train.main writes it beside, and the
-    # run's config, whose mask_padding says how the connector read the T5 tokens.
-    heads = read_json(workdir / "ella_config.json")["heads"]
+    if (workdir / "eval").exists() and not overwrite:
+        raise FileExistsError(
+            f"{workdir / 'eval'}: already exists (pass --overwrite to replace it)"
+        )
+    # The run's text model when it named one (config.text_encoder), else the toy T5; the
+    # pipeline reads the run's heads, text layer and token length beside its export.
     run = workdir / RUN_CONFIG_FILE
-    saved = read_json(run) if run.is_file() else {}
-    if token_length is None:
-        token_length = "flexible" if saved.get("mask_padding", False) else "fixed"
-    # The run's text model when it named one (config.text_encoder), else the toy T5.
-    text = saved.get("text_encoder") or {}
+    text = (read_json(run) if run.is_file() else {}).get("text_encoder") or {}
     trained = ELLAPipeline.from_pretrained(
-        models / "sd",
-        text.get("path") or models / "t5",
-        checkpoint,
-        heads,
-        text_layer=text.get("layer"),
+        models / "sd", text.get("path") or models / "t5", checkpoint
     )
+    token_length = token_length or trained.token_length
     pipelines = {
         "toy SD": (trained, "clip"),
         "untrained ELLA": (untrained(trained, seed), "ella"),
@@ -134,10 +141,12 @@ def evaluate(
         csv = dpg_dir / "toy_dpg_bench.csv"
         items = toy_dpg_bench.write_csv(csv, seed, dpg_count) if dpg_count else []
         for way, (pipeline, mode) in pipelines.items():
-            images = draw(pipeline, captions, mode, steps, guidance, seed, token_length)
+            images = draw(
+                pipeline, captions, mode, steps, guidance, seed, token_length, description=way
+            )
             scores[way] = score_many(list(images), captions)
             rows.extend(images[:grid_count])
-            print(f"{way}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[way].items()))
+            print(f"{way}: " + ", ".join(f"{k} {_accuracy(v)}" for k, v in scores[way].items()))
             if items:
                 flags = ["--mode", mode, "--steps", str(steps), "--guidance", str(guidance),
                          "--token-length", token_length, "--sd", str(models / "sd")]  # fmt: skip
@@ -150,6 +159,11 @@ def evaluate(
         )
         report(workdir / "eval", scores, captions, rows, grid_count, settings, dpg, dpg_dir)
     return scores
+
+
+def _accuracy(value: float) -> str:
+    """An accuracy to 3 places; "-" where no caption states the attribute (NaN)."""
+    return "-" if np.isnan(value) else f"{value:.3f}"
 
 
 def take_dpg_bench(
@@ -227,29 +241,44 @@ def report(
         save_png(grid(framed, columns=grid_count), staging / "samples.png")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m toyworld.evaluate", description=__doc__.split("\n\n")[0]
+        prog="python -m toyworld.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--models", type=storage.path, default="models/toy", help="pretrain --out")
+    parser.add_argument(
+        "--models",
+        type=storage.path,
+        default=REPOSITORY_MODELS,
+        help="toyworld.pretrain's --out (default: this repository's models/toy, wherever the "
+        "command runs)",
+    )
     parser.add_argument(
         "--workdir", type=storage.path, required=True, help="train.main --workdir (or a URI)"
     )
-    parser.add_argument("--count", type=int, default=192, help="held-out captions")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the held-out scenes")
-    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance")
-    parser.add_argument("--grid", type=int, default=12, help="captions shown in samples.png")
+    parser.add_argument("--count", type=int, default=192, help="held-out captions (%(default)s)")
     parser.add_argument(
-        "--dpg-count", type=int, default=64, help="toy DPG-Bench prompts (0: none; default: 64)"
+        "--seed", type=int, default=1, help="seed of the held-out scenes (%(default)s)"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (%(default)s)")
+    parser.add_argument(
+        "--guidance", type=float, default=3.0, help="classifier-free guidance (%(default)s)"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=12, help="captions shown in samples.png (%(default)s)"
+    )
+    parser.add_argument(
+        "--dpg-count", type=int, default=64, help="toy DPG-Bench prompts (0: none; %(default)s)"
     )
     parser.add_argument(
         "--token-length",
         choices=("fixed", "flexible"),
-        help="T5 tokens the connector sees: fixed 128 unmasked, or each caption's own (default: "
-        "flexible when WORKDIR/config.json trained with mask_padding, else fixed)",
+        help="T5 tokens the connector sees: the run's fixed length unmasked, or each caption's "
+        "own (default: flexible when WORKDIR/config.json trained with mask_padding, else fixed)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing WORKDIR/eval")
+    args = parser.parse_args(argv)
     try:
         evaluate(
             args.models,
@@ -261,10 +290,12 @@ def main() -> None:
             args.grid,
             args.token_length,
             args.dpg_count,
+            args.overwrite,
         )
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (CheckpointError, OSError, ValueError) as e:
+        return error_exit(e)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

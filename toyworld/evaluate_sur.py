@@ -20,10 +20,10 @@ from etils import epath
 from ella_jax import storage
 from ella_jax.pipeline import ELLAPipeline
 from ella_jax.weights.tensors import CheckpointError, read_json
+from ella_jax.weights.trained_run import RUN_CONFIG_FILE
 from toyworld.evaluate import draw, report
 from toyworld.scenes import generate_paraphrased
 from toyworld.score import score_many
-from train.trainer import RUN_CONFIG_FILE
 
 
 def _labelled(value: str) -> tuple[str, epath.Path]:

@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ella_jax.cli import error_exit
+from ella_jax.storage import atomic_path
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -36,6 +40,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "magenta": (255, 0, 255),
     "cyan": (0, 255, 255),
 }
+ARRAY_RECORD_FILE = "toyworld.array_record"  # --array-record's shard in --out
 SHAPES = ("square", "circle", "triangle")
 # Row-major over the 3x3 grid: CELLS[3 * row + column].
 CELLS = (
@@ -437,7 +442,7 @@ def write_array_record(
     write_records([{**r, "image": png_bytes(r["image"])} for r in records], path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m toyworld.scenes",
         description="Writes toy-world images of coloured shapes with captions: DIR/images/*.png "
@@ -456,15 +461,24 @@ def main(argv: list[str] | None = None) -> None:
         help="captions are paraphrases in unseen words; the template caption goes in 'complex' "
         "(SUR-adapter's simple and complex prompts)",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (else an error)"
+    )
     args = parser.parse_args(argv)
-    if args.array_record:
-        args.out.mkdir(parents=True, exist_ok=True)
-        target = args.out / "toyworld.array_record"
-        write_array_record(target, args.seed, args.count, args.size, args.paraphrase)
-    else:
-        target = write_folder(args.out, args.seed, args.count, args.size, args.paraphrase)
+    # One rule for every command's output: an existing one is kept unless --overwrite, and a
+    # new one appears whole or not at all.
+    target = args.out / ARRAY_RECORD_FILE if args.array_record else args.out
+    exists = target.is_file() or (target.is_dir() and any(target.iterdir()))
+    if exists and not args.overwrite:
+        return error_exit(FileExistsError(f"{target}: already exists (pass --overwrite)"))
+    with atomic_path(target, overwrite=True) as staging:
+        if args.array_record:
+            write_array_record(staging, args.seed, args.count, args.size, args.paraphrase)
+        else:
+            write_folder(staging, args.seed, args.count, args.size, args.paraphrase)
     print(f"wrote {args.count} images of {args.size}x{args.size} pixels: {target}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

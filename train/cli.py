@@ -9,10 +9,31 @@ from ml_collections import ConfigDict
 
 from ella_jax.weights.tensors import CheckpointError
 
+HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")
+
+
+def dashed_flags(argv: list[str]) -> list[str]:
+    """`argv` with the command's own flags in absl's spelling: the project writes flag names
+    with dashes (--num-processes), absl defines them with underscores (--num_processes, kept
+    as an alias). Config overrides (--config.key=value) are left as they are."""
+    defined = set(flags.FLAGS)
+    spelled = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        absl_name = name.replace("-", "_")
+        if name.startswith("--") and "." not in name and absl_name[2:] in defined:
+            arg = f"--{absl_name[2:]}{equals}{value}"
+        spelled.append(arg)
+    return spelled
+
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a bad override (an unknown key, a value of the wrong type) as one
-    line instead of a traceback."""
+    line instead of a traceback, flags spelled with dashes or underscores, and --help printing
+    the usage with exit status 0 (absl's exits 1)."""
+    argv = dashed_flags(argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]) or "--helpfull" in argv[1:]:
+        app.usage(shorthelp="--helpfull" not in argv[1:], writeto_stdout=True, exitcode=0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -81,7 +102,7 @@ def initialize_distributed(
 def _join_failed(given: tuple | None, cluster: str | None, error: Exception) -> str:
     if given is not None:
         address, count, index = given
-        where = f"--coordinator_address={address} --num_processes={count} --process_id={index}"
+        where = f"--coordinator-address={address} --num-processes={count} --process-id={index}"
     else:
         where = f"the {cluster} environment" if cluster else "the environment"
     return f"joining the processes of {where} failed: {' '.join(str(error).split())}"

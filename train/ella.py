@@ -25,6 +25,7 @@ from ella_jax.weights.ella import (
 )
 from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.text_model import folder_width
+from ella_jax.weights.trained_run import EXPORTS
 from train import data
 from train.errors import ConfigError
 from train.step import Conditioner, ella_conditioner
@@ -34,7 +35,7 @@ from train.text_encoder import text_encoder
 class ELLARun:
     """ELLA trained on the frozen text model's features of each caption (`train.trainer`)."""
 
-    export_name = "ella.safetensors"
+    export_name = EXPORTS["ella"]
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

@@ -1,4 +1,4 @@
-"""python -m train.launch --num_processes 2 --devices_per_process 4 -- <train.main arguments>
+"""python -m train.launch --num-processes 2 --devices-per-process 4 -- <train.main arguments>
 
 Runs a multi-process training on this machine, for development and tests: N processes of
 `train.main`, each with its own CPU devices, joined through a coordinator on loopback. Their
@@ -56,8 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--num_processes", type=int, required=True)
-    parser.add_argument("--devices_per_process", type=int, default=1, help="CPU devices each")
+    parser.add_argument(
+        "--num-processes", "--num_processes", type=int, required=True, help="processes to start"
+    )
+    parser.add_argument(
+        "--devices-per-process",
+        "--devices_per_process",
+        type=int,
+        default=1,
+        help="CPU devices each (default 1)",
+    )
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train.main's")
     args = parser.parse_args(argv)
@@ -74,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             "-m",
             "train.main",
             *train_args,
-            f"--coordinator_address=127.0.0.1:{port}",
-            f"--num_processes={args.num_processes}",
-            f"--process_id={index}",
+            f"--coordinator-address=127.0.0.1:{port}",
+            f"--num-processes={args.num_processes}",
+            f"--process-id={index}",
         ]
         process = subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -6,7 +6,7 @@ and UNet. The config is a Python file whose get_config() returns an ml_collectio
 Rerunning the same command resumes from the newest checkpoint in DIR/checkpoints; SIGTERM or
 SIGINT saves a checkpoint and exits 0.
 
-Several processes (hosts): pass --coordinator_address, --num_processes and --process_id to each,
+Several processes (hosts): pass --coordinator-address, --num-processes and --process-id to each,
 or nothing where JAX reads them from the cluster (TPU pods, SLURM, Open MPI); on one machine,
 `python -m train.launch` starts them. Each process reads its slice of every global batch; logs,
 samples and the export are written by process 0.

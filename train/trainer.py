@@ -2,6 +2,7 @@
 loop, export; each a short section, in that order."""
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -26,6 +27,7 @@ from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
+from ella_jax.weights.trained_run import RUN_CONFIG_FILE
 from train import checkpoint, data
 from train.ella import ELLARun
 from train.errors import ConfigError, DataError, DivergedError
@@ -35,7 +37,6 @@ from train.sur import SURRun
 
 __all__ = ["ConfigError", "DataError", "DivergedError", "check_config", "train"]
 
-RUN_CONFIG_FILE = "config.json"  # the run's config, beside its checkpoints and export
 REMAT = ("none", "blocks")  # config.remat: "blocks" recomputes each UNet block in the backward
 METHODS = {"ella": ELLARun, "sur": SURRun}  # config.method: what trains on the frozen UNet
 
@@ -302,7 +303,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         if step % config.sample_every == 0:
             images = sampler(state.ema_params)
             if primary:
-                save_png(grid(images), workdir / "samples" / f"step_{step:07d}.png")
+                prompts = {"step": step, "prompts": list(config.sample_prompts),
+                           "cells": "row-major, a prompt a cell, EMA weights"}  # fmt: skip
+                save_png(grid(images, gap=2), workdir / "samples" / f"step_{step:07d}.png",
+                         {"ella-jax": json.dumps(prompts)})  # fmt: skip
         bar.update(1)
         if stopping:
             break

@@ -174,6 +174,11 @@ class ELLA(nn.Module):
         """t5_features (B, L, input_dim); timesteps (B,) or a scalar for the whole batch;
         token_mask (B, L) bool, True for real tokens (None: every token is attended).
         Returns (B, num_latents, width) in `dtype`."""
+        if t5_features.shape[-1] != self.input_dim:  # else Flax's ScopeParamShapeError
+            raise ValueError(
+                f"features have width {t5_features.shape[-1]}, the connector expects "
+                f"{self.input_dim} (its input_dim: the text model it was trained on)"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch = t5_features.shape[0]
         timesteps = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))

@@ -83,6 +83,7 @@ class UNetConfig:
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    sample_size: int = 64  # the latents' side it was trained at (the pipelines' default size)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "UNetConfig":

@@ -38,9 +38,10 @@ from ella_jax.weights.tensors import (
     read_safetensors_metadata,
     write_safetensors,
 )
+from ella_jax.weights.trained_run import EXPORTS
 
 CONFIG_FILE = "sur_config.json"  # beside an official file: the constructor's arguments
-WEIGHTS_FILE = "sur_adapter.safetensors"  # what training exports
+WEIGHTS_FILE = EXPORTS["sur"]  # what training exports
 ETA_FILE = "eta_head.safetensors"  # beside an official file: the learned eta head, if any
 ETA_HEAD = "eta_head"
 CONFIG_KEYS = ("depth", "adapter_weight", "sd_text_size")  # the official constructor's order
