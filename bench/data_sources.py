@@ -18,8 +18,8 @@ import time
 import numpy as np
 
 from bench.timing import median_seconds
-from train import data, shards
-from train.webdataset import INDEX_SUFFIX
+from ella_jax.train import data, shards
+from ella_jax.train.webdataset import INDEX_SUFFIX
 
 
 def _random_reads(source, count: int = 200) -> float:

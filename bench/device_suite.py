@@ -187,7 +187,7 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
 
     from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
     from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
-    from train.step import (
+    from ella_jax.train.step import (
         Models,
         StepConfig,
         ella_conditioner,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from train.trainer import train
+from ella_jax.train.trainer import train
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ inference), [ip-adapter] (the trainer the authors said theirs derives from), or 
 
 import ml_collections
 
-from train.text_encoder import text_encoder_config
+from ella_jax.train.text_encoder import text_encoder_config
 
 
 def get_config() -> ml_collections.ConfigDict:

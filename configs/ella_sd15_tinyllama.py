@@ -14,7 +14,7 @@ LLM's (2048, as flan-t5-xl's). Which hidden state the paper read is not stated: 
 import ml_collections
 
 from configs.ella_sd15_t5xl import get_config as t5xl_config
-from train.text_encoder import text_encoder_config
+from ella_jax.train.text_encoder import text_encoder_config
 
 
 def get_config() -> ml_collections.ConfigDict:

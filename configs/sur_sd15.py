@@ -15,7 +15,7 @@ in the comments; the defaults fix the official code's bugs.
 
 import ml_collections
 
-from train.text_encoder import text_encoder_config
+from ella_jax.train.text_encoder import text_encoder_config
 
 
 def get_config() -> ml_collections.ConfigDict:

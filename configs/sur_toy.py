@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ml_collections
 
-from train.text_encoder import text_encoder_config
+from ella_jax.train.text_encoder import text_encoder_config
 
 # The models and data this repository ships: found wherever the command runs.
 REPOSITORY = Path(__file__).resolve().parents[1]

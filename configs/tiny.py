@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_collections
 
-from train.text_encoder import text_encoder_config
+from ella_jax.train.text_encoder import text_encoder_config
 
 # The models and data this repository ships: found wherever the command runs.
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     # diffusers folder: unet/, vae/, scheduler/, text_encoder/
     c.sd = str(REPOSITORY / "tests/fixtures/reference/sd")
     c.t5 = str(REPOSITORY / "tests/fixtures/reference/t5")  # Hugging Face T5 folder
-    # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (train/text_encoder.py).
+    # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (ella_jax/train/text_encoder.py).
     c.text_encoder = text_encoder_config()
     c.ella = ml_collections.ConfigDict(
         dict(time_channel=32, time_embed_dim=64, width=64, layers=2, heads=4, num_latents=16)

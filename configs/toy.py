@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
-from train.text_encoder import text_encoder_config
+from ella_jax.train.text_encoder import text_encoder_config
 
 # The models and data this repository ships: found wherever the command runs.
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sd = str(REPOSITORY / "models/toy/sd")
     # Hugging Face T5 folder (random weights: the frozen "LLM")
     c.t5 = str(REPOSITORY / "models/toy/t5")
-    # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (train/text_encoder.py).
+    # The frozen text model; empty path / dtype: c.t5 / c.t5_dtype (ella_jax/train/text_encoder.py).
     c.text_encoder = text_encoder_config()
     c.ella = ml_collections.ConfigDict(
         dict(time_channel=64, time_embed_dim=128, width=128, layers=2, heads=4, num_latents=32)

@@ -1,4 +1,2 @@
-"""Checkpoint conversion between PyTorch safetensors layouts and ella-jax parameter trees.
-
-`python -m convert --help` for the command line.
-"""
+"""The repository's short command name, `python -m convert`, for `ella_jax.convert` (installed
+anywhere as `ella-jax-convert`). Not installed: a package named `convert` would collide."""

@@ -154,11 +154,11 @@ def train_step_setup(config, source, resolution: int):
     from ella_jax.models.ella import ELLA
     from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
     from ella_jax.text import load_tokenizer, tokenize
+    from ella_jax.train import data
+    from ella_jax.train.step import Models, StepConfig, init_state, make_train_step
     from ella_jax.weights.diffusers import load_unet, load_vae
     from ella_jax.weights.tensors import read_config
     from ella_jax.weights.text_model import load_text_model
-    from train import data
-    from train.step import Models, StepConfig, init_state, make_train_step
 
     sd = ROOT / config.sd
     text_model, text_params = load_text_model(ROOT / config.t5, config.t5_dtype)
@@ -255,7 +255,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     all pytest-xdist workers (in the folder they share), read-only for the tests."""
     from filelock import FileLock
 
-    from train.trainer import train
+    from ella_jax.train.trainer import train
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -5,14 +5,15 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.numpy
 from conftest import REFERENCE, ROOT
 
-from convert.__main__ import main
 from ella_jax import load_ella
+from ella_jax.convert.__main__ import main
 
 OFFICIAL = REFERENCE / "ella.safetensors"
 
@@ -226,3 +227,27 @@ def test_export_of_a_folder_that_is_no_work_directory_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'jax'}: not the work directory of a training run")
     assert err.count("\n") == 1 and not (tmp_path / "out.safetensors").exists()
+
+
+def test_installed_names_are_the_projects_own(tmp_path):
+    """Outside the repository, `train` and `convert` are not importable (generic names are not
+    installed) while the console scripts run: `ella-jax-convert --help` exits 0."""
+    outside = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('train'), "
+         "u.find_spec('convert'), u.find_spec('ella_jax.train.main') is not None)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert outside.stdout.split() == ["None", "None", "True"], outside.stderr
+    script = Path(sys.executable).parent / "ella-jax-convert"
+    done = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "export" in done.stdout, done.stderr
+
+
+def test_configs_find_the_repository_models_from_anywhere(tmp_path, monkeypatch):
+    from conftest import project_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny", "toy"):
+        config = project_config(name)
+        assert Path(config.sd, "unet", "config.json").is_file(), (name, config.sd)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from train import data
+from ella_jax.train import data
 
 TINY = ROOT / "data" / "tiny"
 

@@ -21,9 +21,9 @@ from conftest import (
     tiny_llm_folder,
 )
 
+from ella_jax.train.trainer import ConfigError, check_config
 from ella_jax.weights.llm import load_llm
 from ella_jax.weights.tensors import CheckpointError
-from train.trainer import ConfigError, check_config
 
 LLM = REFERENCE / "llm"
 
@@ -214,7 +214,7 @@ def test_rewriting_the_toy_llm_gives_the_same_files(tmp_path):
 
 
 def test_tinyllama_config_is_the_t5_recipe_on_an_llm():
-    from train.text_encoder import text_encoder
+    from ella_jax.train.text_encoder import text_encoder
 
     config, paper = project_config("ella_sd15_tinyllama"), project_config("ella_sd15_t5xl")
     config.text_encoder.path = str(LLM / "llama")

@@ -22,7 +22,7 @@ from conftest import (
 )
 
 from ella_jax import storage
-from train import shards
+from ella_jax.train import shards
 
 ARGS = ["--config", "configs/tiny.py", *[f"--config.{k}={v}" for k, v in SHORT.items()]]
 

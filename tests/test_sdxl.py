@@ -80,7 +80,7 @@ def sdxl_config(**overrides):
 @pytest.fixture(scope="module")
 def sdxl_run(tmp_path_factory):
     """configs/tiny.py on the SDXL fixture folder: 2 steps, then resumed to 3."""
-    from train.trainer import train
+    from ella_jax.train.trainer import train
 
     workdir = tmp_path_factory.mktemp("sdxl") / "w"
     config = sdxl_config()
@@ -111,8 +111,8 @@ def test_precomputed_sdxl_data_gives_the_online_losses(sdxl_run, tmp_path):
     image's time ids: training from them logs the online run's first losses."""
     from conftest import read_metrics, relative_error
 
-    from train.precompute import precompute
-    from train.trainer import ConfigError, check_config, train
+    from ella_jax.train.precompute import precompute
+    from ella_jax.train.trainer import ConfigError, check_config, train
 
     summary = precompute(sdxl_config(), tmp_path / "features")
     assert summary["sdxl"] is True
@@ -134,8 +134,8 @@ def test_sdxl_added_conditions_of_the_data(io, tmp_path):
     """What the training data gives SDXL's added conditions: the time ids of a 24 x 40 image at
     16 px (resized to 16 x 27, its centre crop 5 from the left) and the pooled embeddings
     train.precompute computes, as diffusers' pipeline does for the fixture's prompts."""
-    from train import data
-    from train.precompute import sdxl_pooling
+    from ella_jax.train import data
+    from ella_jax.train.precompute import sdxl_pooling
 
     image = tmp_path / "wide.png"
     Image.new("RGB", (40, 24), (200, 10, 10)).save(image)

@@ -10,9 +10,9 @@ from conftest import ROOT, SHORT, read_metrics, relative_error, tiny_config
 from test_webdataset import batches
 
 from ella_jax import storage
-from train import data, shards
-from train.parquet import ParquetSource
-from train.trainer import train
+from ella_jax.train import data, shards
+from ella_jax.train.parquet import ParquetSource
+from ella_jax.train.trainer import train
 
 MANIFEST = ROOT / "data" / "tiny" / "captions.jsonl"
 

@@ -11,10 +11,10 @@ from conftest import REFERENCE, relative_error
 
 from ella_jax import load_ella
 from ella_jax.schedulers import SchedulerConfig, alphas_cumprod
+from ella_jax.train.step import Models, loss_weights, make_denoising_loss
 from ella_jax.weights.diffusers import load_unet
 from ella_jax.weights.naming import params_to_torch
 from ella_jax.weights.tensors import read_config
-from train.step import Models, loss_weights, make_denoising_loss
 
 rng = np.random.default_rng(0)
 FEATURES = rng.standard_normal((2, 20, 96)).astype(np.float32)

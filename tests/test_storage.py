@@ -11,8 +11,8 @@ from test_webdataset import batches, write_shards
 
 from ella_jax import load_ella, storage
 from ella_jax.text import load_tokenizer, tokenize
-from train import data
-from train.trainer import ConfigError, check_config, train
+from ella_jax.train import data
+from ella_jax.train.trainer import ConfigError, check_config, train
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])

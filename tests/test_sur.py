@@ -11,8 +11,8 @@ import pytest
 import safetensors.numpy
 from conftest import REFERENCE, relative_error
 
-from convert.__main__ import main
 from ella_jax import load_sur_adapter
+from ella_jax.convert.__main__ import main
 from ella_jax.sur import cosine_loss, distillation_kl
 
 SUR = REFERENCE / "sur"

@@ -16,13 +16,13 @@ from PIL import Image
 
 from ella_jax.models.ella import ELLA
 from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.train.trainer import RUN_CONFIG_FILE
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.ella import CONFIG_KEYS, write_official, write_official_config
 from ella_jax.weights.t5 import load_t5_encoder
 from toyworld.scenes import generate, png_bytes
 from toyworld.score import score_many
-from train.trainer import RUN_CONFIG_FILE
 
 MODELS = ROOT / "models" / "toy"
 SD = MODELS / "sd"

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from ella_jax.train import data
 from toyworld import scenes
 from toyworld.scenes import (
     CELLS,
@@ -23,7 +24,6 @@ from toyworld.scenes import (
     scene_spec,
 )
 from toyworld.score import find_objects, score, score_many
-from train import data
 
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 

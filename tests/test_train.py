@@ -36,9 +36,9 @@ from PIL import Image
 from ella_jax import load_ella, storage
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
 from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.train import data
+from ella_jax.train.trainer import ConfigError, check_config, train
 from ella_jax.weights.tensors import read_safetensors_metadata
-from train import data
-from train.trainer import ConfigError, check_config, train
 
 
 def test_tiny_config_runs_to_the_end(uninterrupted):
@@ -80,7 +80,7 @@ def test_tiny_config_runs_to_the_end(uninterrupted):
 
 
 def test_convert_exports_a_saved_checkpoint(uninterrupted, tmp_path):
-    from convert.__main__ import main
+    from ella_jax.convert.__main__ import main
 
     exported = tmp_path / "step12.safetensors"
     assert main(["export", str(uninterrupted), str(exported), "--step", "12"]) == 0
@@ -96,7 +96,7 @@ def test_convert_exports_the_raw_weights_in_another_dtype(uninterrupted, tmp_pat
     train.main exports), as read from orbax's own files, rounded to bfloat16."""
     import orbax.checkpoint as ocp
 
-    from convert.__main__ import main
+    from ella_jax.convert.__main__ import main
     from ella_jax.weights.naming import params_to_torch
 
     out = tmp_path / "raw.safetensors"
@@ -216,7 +216,7 @@ def test_sigterm_then_rerun_in_a_bucket_gives_the_uninterrupted_run(uninterrupte
         np.testing.assert_allclose(final[name], tensor, rtol=1e-6, atol=1e-7, err_msg=name)
     assert storage.glob(f"{workdir}/events.out.tfevents.*")
 
-    from convert.__main__ import main
+    from ella_jax.convert.__main__ import main
 
     assert main(["export", str(workdir), f"{bucket}/export.safetensors"]) == 0
     for name, tensor in read_tensors(f"{bucket}/export.safetensors").items():
@@ -386,7 +386,7 @@ def test_resuming_with_other_shapes_is_refused_and_leaves_the_run(uninterrupted,
 def test_exported_files_are_readable_by_others(uninterrupted, tmp_path):
     """Under umask 022 an exported .safetensors (staged in a private temporary folder, written
     0600 by safetensors) is rw-r--r--, as any file the umask makes."""
-    from convert.__main__ import main
+    from ella_jax.convert.__main__ import main
 
     previous = os.umask(0o022)
     try:
@@ -453,7 +453,7 @@ def test_a_cluster_join_that_fails_is_an_error(monkeypatch):
     """No cluster in the environment: JAX asks for a coordinator (a ValueError) and the run
     is one process. A cluster JAX recognises whose join fails, or explicit flags that fail: an
     error naming it, never a process that trains alone into the shared work directory."""
-    from train.cli import initialize_distributed
+    from ella_jax.train.cli import initialize_distributed
 
     def no_cluster(*args, **kwargs):
         raise ValueError("coordinator_address should be defined.")
@@ -534,7 +534,7 @@ def test_invalid_images_add_nothing_and_the_ema_follows_the_params(tiny_setup):
 def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(uninterrupted, tmp_path):
     """Resumed at step 12 with a NaN learning rate: step 13 is not finite; the run stops with
     one error naming it and the newest checkpoint, and saves nothing after it."""
-    from train.trainer import DivergedError
+    from ella_jax.train.trainer import DivergedError
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
@@ -556,7 +556,7 @@ def test_a_damaged_checkpoint_and_a_cut_metrics_line_are_survived(uninterrupted,
     """Step 12's arrays cut short and the metrics' last line cut (a run killed while writing
     it): the rerun says so, moves step 12 aside, resumes from step 8 and ends as the
     uninterrupted run did. `convert export` of the damaged step names it in one error."""
-    from convert.__main__ import main
+    from ella_jax.convert.__main__ import main
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
@@ -582,7 +582,7 @@ def test_a_damaged_checkpoint_and_a_cut_metrics_line_are_survived(uninterrupted,
 
 
 def test_a_bad_metrics_line_is_an_error_naming_it(tmp_path):
-    from train.metrics import MetricsWriter
+    from ella_jax.train.metrics import MetricsWriter
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\nnot json\n{"step": 4}\n')
     with pytest.raises(ValueError, match=rf"{tmp_path / 'metrics.jsonl'}:2: not a metrics entry"):
@@ -592,7 +592,7 @@ def test_a_bad_metrics_line_is_an_error_naming_it(tmp_path):
 def test_unreadable_images_stop_the_run(tmp_path):
     """A manifest whose images are all missing (a wrong base path): one error at the first
     batch, before any compute, naming an image and what to check."""
-    from train.trainer import DataError
+    from ella_jax.train.trainer import DataError
 
     records = [json.loads(line) for line in (ROOT / "data/tiny/captions.jsonl").open()]
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -605,7 +605,7 @@ def test_unreadable_images_stop_the_run(tmp_path):
 
 def test_too_many_skipped_images_over_a_logging_interval_stop_the_run(tmp_path):
     """The interval's fraction, not one step's: 5 of 16 images pass, 9 of 16 do not."""
-    from train.trainer import DataError, _StepChecks
+    from ella_jax.train.trainer import DataError, _StepChecks
 
     skipped = data.Skipped()
     skipped.add("images/07.png", FileNotFoundError("gone"))

@@ -8,9 +8,9 @@ import pytest
 import safetensors.numpy
 from conftest import REFERENCE, ROOT, project_config, read_metrics, read_tensors, tiny_llm_folder
 
-from convert.__main__ import main as convert_main
 from ella_jax import load_sur_adapter
-from train.trainer import ConfigError, check_config, train
+from ella_jax.convert.__main__ import main as convert_main
+from ella_jax.train.trainer import ConfigError, check_config, train
 
 LLM_WIDTH = 24
 
@@ -191,8 +191,8 @@ def test_toy_config_precomputes_vectors_and_exports_an_official_adapter(tmp_path
     import torch
     from torch_sur import Adapter
 
+    from ella_jax.train.precompute import precompute
     from toyworld import scenes
-    from train.precompute import precompute
 
     manifest = scenes.write_folder(tmp_path / "scenes", seed=7, count=64, paraphrased=True)
     config = project_config("sur_toy")
@@ -231,7 +231,7 @@ def test_precompute_pools_an_llm_layer_into_the_vectors(sur_data, tmp_path):
     from transformers import LlamaModel
 
     from ella_jax.text import load_tokenizer
-    from train.precompute import precompute
+    from ella_jax.train.precompute import precompute
 
     llm = tiny_llm_folder(tmp_path / "llm")
     config = sur_config(sur_data, llm_pooling="last")

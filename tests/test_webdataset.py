@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT
 from test_data import fake_tokenize
 
-from train import data
-from train.webdataset import INDEX_SUFFIX, WebDatasetSource
+from ella_jax.train import data
+from ella_jax.train.webdataset import INDEX_SUFFIX, WebDatasetSource
 
 TINY = ROOT / "data" / "tiny"
 

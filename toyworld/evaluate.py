@@ -125,6 +125,7 @@ def evaluate(
     # pipeline reads the run's heads, text layer and token length beside its export.
     run = workdir / RUN_CONFIG_FILE
     text = (read_json(run) if run.is_file() else {}).get("text_encoder") or {}
+    print(f"loading the models of {models} and {checkpoint} ...", flush=True)
     trained = ELLAPipeline.from_pretrained(
         models / "sd", text.get("path") or models / "t5", checkpoint
     )

@@ -436,7 +436,7 @@ def write_array_record(
 ) -> None:
     """Writes one ArrayRecord shard `path` of {"image": PNG bytes, "caption"} records (and
     "complex", paraphrased)."""
-    from train.data import write_array_record as write_records
+    from ella_jax.train.data import write_array_record as write_records
 
     records = _records(seed, count, size, paraphrased)
     write_records([{**r, "image": png_bytes(r["image"])} for r in records], path)

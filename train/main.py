@@ -1,42 +1,5 @@
-"""python -m train.main --config configs/X.py --workdir DIR [--config.key=value ...]
+"""`python -m train.main` in the repository: `ella_jax.train.main` (installed: `ella-jax-train`)."""
 
-Trains the ELLA connector (or a SUR-adapter: config.method = "sur") on a frozen text encoder
-and UNet. The config is a Python file whose get_config() returns an ml_collections ConfigDict
-(see configs/); any value can be overridden on the command line, and an unknown key is an error.
-Rerunning the same command resumes from the newest checkpoint in DIR/checkpoints; SIGTERM or
-SIGINT saves a checkpoint and exits 0.
+import runpy
 
-Several processes (hosts): pass --coordinator-address, --num-processes and --process-id to each,
-or nothing where JAX reads them from the cluster (TPU pods, SLURM, Open MPI); on one machine,
-`python -m train.launch` starts them. Each process reads its slice of every global batch; logs,
-samples and the export are written by process 0.
-"""
-
-from absl import app, flags
-from ml_collections import ConfigDict, config_flags
-
-from train.cli import initialize_distributed, parse_flags, run_command
-from train.trainer import train
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (configs/*.py).", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> int:
-    def command(config: ConfigDict) -> None:
-        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        train(config, _WORKDIR.value)
-
-    return run_command(argv, _CONFIG, command)
-
-
-if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+runpy.run_module("ella_jax.train.main", run_name="__main__", alter_sys=True)

@@ -30,8 +30,8 @@ from PIL import Image
 
 from ella_jax import storage
 from ella_jax.storage import atomic_path
-from train.parquet import ParquetSource
-from train.webdataset import WebDatasetSource
+from ella_jax.train.parquet import ParquetSource
+from ella_jax.train.webdataset import WebDatasetSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EMPTY_CAPTION_FILE = "empty_caption.npz"  # in a precomputed folder: T5 features of ""

@@ -25,15 +25,15 @@ from ella_jax.images import grid, save_png
 from ella_jax.sampling import sample_latents
 from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents, make_schedule
 from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
+from ella_jax.train import checkpoint, data
+from ella_jax.train.ella import ELLARun
+from ella_jax.train.errors import ConfigError, DataError, DivergedError
+from ella_jax.train.metrics import MetricsWriter
+from ella_jax.train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
+from ella_jax.train.sur import SURRun
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from ella_jax.weights.trained_run import RUN_CONFIG_FILE
-from train import checkpoint, data
-from train.ella import ELLARun
-from train.errors import ConfigError, DataError, DivergedError
-from train.metrics import MetricsWriter
-from train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
-from train.sur import SURRun
 
 __all__ = ["ConfigError", "DataError", "DivergedError", "check_config", "train"]
 
@@ -152,6 +152,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     # ------------------------------------------------------------------------ Frozen models
     method = method_of(config)
     sd = storage.path(config.sd)
+    if primary:
+        print(f"loading the frozen models of {sd} ...", flush=True)
     vae, vae_params = load_vae(sd / "vae", config.dtype)
     unet, unet_params = load_unet(sd / "unet", config.dtype)
     frozen = {**method.load_frozen(workdir), "vae": vae_params, "unet": unet_params}
@@ -252,6 +254,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     # Model FLOPs of a step (without the recomputation of remat) and the devices' peak: MFU.
     # Traced on a thread while XLA compiles (which leaves Python free): the trace is Python's.
     modelled_step = make_train_step(models, optimizer, acp, step_config, conditioner)
+    if primary:
+        print("compiling the train step ...", flush=True)
     with ThreadPoolExecutor(1) as pool:
         step_flops = pool.submit(model_flops, modelled_step, abstract_state, frozen, abstract_batch)
         compiled = lowered.compile()

@@ -32,6 +32,9 @@ from ella_jax.sampling import TextConditioning, adapt_clip_context
 from ella_jax.storage import atomic_path
 from ella_jax.sur import cosine_loss, distillation_kl
 from ella_jax.text import load_tokenizer, tokenize
+from ella_jax.train import data
+from ella_jax.train.errors import ConfigError
+from ella_jax.train.step import Conditioner
 from ella_jax.weights import sur
 from ella_jax.weights.clip import load_clip_text_encoder
 from ella_jax.weights.tensors import (
@@ -40,9 +43,6 @@ from ella_jax.weights.tensors import (
     read_safetensors,
     write_safetensors,
 )
-from train import data
-from train.errors import ConfigError
-from train.step import Conditioner
 
 PROJECTION_FILE = "sur_llm_projection.safetensors"  # W0, in the run's folder
 LLM_VECTORS_FILE = "llm_vectors.safetensors"  # in a train.precompute folder of a SUR config

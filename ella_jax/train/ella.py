@@ -14,6 +14,10 @@ from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.sampling import TextConditioning, sdxl_time_ids
 from ella_jax.text import tokenize
+from ella_jax.train import data
+from ella_jax.train.errors import ConfigError
+from ella_jax.train.step import Conditioner, ella_conditioner
+from ella_jax.train.text_encoder import text_encoder
 from ella_jax.weights.diffusers import is_sdxl, load_sdxl_text_encoder_2
 from ella_jax.weights.ella import (
     CONFIG_KEYS,
@@ -26,10 +30,6 @@ from ella_jax.weights.ella import (
 from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.text_model import folder_width
 from ella_jax.weights.trained_run import EXPORTS
-from train import data
-from train.errors import ConfigError
-from train.step import Conditioner, ella_conditioner
-from train.text_encoder import text_encoder
 
 
 class ELLARun:

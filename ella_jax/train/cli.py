@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the training entry points (absl flags, ml_collections)."""
 
+import functools
 import re
 import sys
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from ml_collections import ConfigDict
 
 from ella_jax.weights.tensors import CheckpointError
 
-HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 
 
 def dashed_flags(argv: list[str]) -> list[str]:
@@ -27,13 +28,23 @@ def dashed_flags(argv: list[str]) -> list[str]:
     return spelled
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def flags_parser(usage: str) -> Callable[[list[str]], list[str]]:
+    """absl's `flags_parser` for a command described by `usage` (its module's docstring; absl
+    would print the docstring of `__main__`, an installed script's wrapper): see `parse_flags`."""
+    return functools.partial(parse_flags, usage=usage)
+
+
+def parse_flags(argv: list[str], usage: str = "") -> list[str]:
     """absl's parsing, with a bad override (an unknown key, a value of the wrong type) as one
     line instead of a traceback, flags spelled with dashes or underscores, and --help printing
-    the usage with exit status 0 (absl's exits 1)."""
+    `usage` and the command's flags with exit status 0 (absl's exits 1)."""
     argv = dashed_flags(argv)
-    if any(arg in HELP_FLAGS for arg in argv[1:]) or "--helpfull" in argv[1:]:
-        app.usage(shorthelp="--helpfull" not in argv[1:], writeto_stdout=True, exitcode=0)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(usage.strip() + "\n\nflags (--name or --name-with-dashes):")
+        for module in flags.FLAGS.flags_by_module_dict():
+            if not module.startswith("absl"):
+                print(flags.FLAGS.module_help(module).split("\n", 1)[-1])
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -17,9 +17,9 @@ from ml_collections.config_dict import placeholder
 
 from ella_jax import storage
 from ella_jax.text import load_tokenizer
+from ella_jax.train.errors import ConfigError
 from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.text_model import KINDS, TextModel, folder_kind, load_text_model
-from train.errors import ConfigError
 
 
 def text_encoder_config(
