@@ -2,16 +2,20 @@
 
     bash scripts/run_main.sh     # = the commands below
 
-    python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record
+    python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record \
+        --hold-out configs/toy.py
     python -m train.precompute --config configs/toy.py --out out/toy-features \
         --config.data.source=array_record --config.data.path=out/toy-data/toyworld.array_record
     python -m train.main --config configs/toy.py --workdir out/toy
-    python -m toyworld.evaluate --models models/toy --workdir out/toy
+    python -m toyworld.evaluate --workdir out/toy
 
 The frozen models are the toy Stable Diffusion and the random toy T5 that `toyworld.pretrain`
 made and the repository ships (models/toy). ELLA learns to turn the T5's features into the
 context the toy UNet was trained on (its CLIP text encoder's); `toyworld.evaluate` then scores
-what the UNet draws for held-out captions. About 14 minutes on 2 cores (9.5 of them training).
+what the UNet draws for held-out captions, in two splits: captions of combinations the
+training scenes had, and captions stating a combination of `hold_out`, which no training scene
+contains (the toy SD saw them all: its row is the ceiling of both). About 14 minutes on 2 cores
+(9.5 of them training).
 """
 
 from pathlib import Path
@@ -54,6 +58,18 @@ def get_config() -> ml_collections.ConfigDict:
             prefetch_batches=4,  # batches read ahead per process (host memory)
         )
     )
+    # Combinations no training scene of ELLA contains (toyworld.scenes --hold-out, applied when
+    # the training shard is written; toyworld.scenes.HoldOut): 3 of the 18 colour-shape pairs,
+    # 3 of the 27 shape-cell placements, 3 of the 36 shape-relation-shape triples. Each word
+    # stays in training in other combinations.
+    c.hold_out = ml_collections.ConfigDict(
+        dict(
+            colour_shape=("red triangle", "green circle", "blue square"),
+            shape_position=("circle top left", "square bottom right", "triangle center"),
+            relation=("square left circle", "triangle above square", "circle below triangle"),
+        )
+    )
+
     # The toy captions are short: the connector reads 32 tokens with the padding masked
     # (ELLAPipeline's flexible mode), not the reference's 128 unmasked.
     c.token_length = 32

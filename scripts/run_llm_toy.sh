@@ -8,7 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 scenes=out/toy-data/toyworld.array_record
 llm=(--config.text_encoder.kind=llm --config.text_encoder.path=models/toy/llm)
 if [ ! -f "$scenes" ]; then
-  python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record
+  python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record \
+    --hold-out configs/toy.py
 fi
 if [ ! -d out/toy-llm-features ]; then
   python -m train.precompute --config configs/toy.py --out out/toy-llm-features "${llm[@]}" \

@@ -10,7 +10,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 scenes=out/toy-data/toyworld.array_record
 if [ ! -f "$scenes" ]; then
-  python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record
+  python -m toyworld.scenes --out out/toy-data --count 30000 --seed 2 --array-record \
+    --hold-out configs/toy.py  # configs/toy.py's hold_out: combinations ELLA never trains on
 fi
 if [ ! -d out/toy-features ]; then
   python -m train.precompute --config configs/toy.py --out out/toy-features \

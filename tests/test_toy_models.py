@@ -153,7 +153,7 @@ def test_the_papers_dtypes_give_the_float32_step(toy_setup):
     assert l2(wrong, expected) > 0.3  # measured 0.36
 
 
-def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
+def test_evaluation_writes_scores_and_samples(tmp_path, capsys):
     """`python -m toyworld.evaluate` (its command line, in this process) on a connector as
     train.main exports it (here at its initialisation; configs/toy.py's training is the main
     job, the trainer is tested with configs/tiny.py), with its toy DPG-Bench; then the chain a
@@ -171,17 +171,26 @@ def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
     (tmp_path / RUN_CONFIG_FILE).write_text(config.to_json())  # mask_padding: flexible tokens
     argv = ["--models", str(MODELS), "--workdir", str(tmp_path), "--count", "4", "--steps", "2",
             "--grid", "4", "--dpg-count", "1"]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", ["toyworld.evaluate", *argv])
-    main()
+    assert main(argv) == 0
+    assert "nan" not in capsys.readouterr().out  # an attribute no caption states: "-"
     written = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    # configs/toy.py's hold_out splits the captions: all, trained and held-out combinations.
+    splits = written["splits"]
+    assert list(splits) == ["all", "trained combinations", "held-out combinations"]
+    assert splits["all"] == 4 == splits["trained combinations"] + splits["held-out combinations"]
     ways = ["toy SD", "untrained ELLA", "trained ELLA"]
-    assert list(written["scores"]) == list(written["dpg_bench"]) == ways
+    rows = [f"{way}: {split} ({n})" for way in ways for split, n in splits.items()]
+    assert list(written["scores"]) == rows
+    assert list(written["dpg_bench"]) == [f"{way}: all (4)" for way in ways]
+    assert main(argv) == 2  # eval/ exists: kept, one line
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'eval'}: already exists (pass --overwrite to replace it)\n"
     assert written["count"] == 4
     assert written["token_length"] == "flexible"
     assert sum(written["captions_stating"].values()) > 4
     assert (tmp_path / "eval" / "samples.png").is_file()
-    assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 11
-    assert set(written["dpg_bench"]["toy SD"]["l1"]) <= {"entity", "attribute", "relation",
+    assert len((tmp_path / "eval" / "scores.md").read_text().splitlines()) == 17
+    assert set(written["dpg_bench"]["toy SD: all (4)"]["l1"]) <= {"entity", "attribute", "relation",
                                                          "other", "global"}  # fmt: skip
 
     dpg = tmp_path / "eval" / "dpg_bench"
@@ -195,7 +204,7 @@ def test_evaluation_writes_scores_and_samples(tmp_path, monkeypatch):
             "--vqa", "toyworld.dpg_bench:answer", "--out", str(tmp_path / "score")]  # fmt: skip
     assert score(argv) == 0
     scored = json.loads((tmp_path / "score" / "scores.json").read_text())
-    assert scored["score"] == written["dpg_bench"]["toy SD"]["score"]
+    assert scored["score"] == written["dpg_bench"]["toy SD: all (4)"]["score"]
 
 
 def test_sur_evaluation_scores_paraphrases_against_their_templates(tmp_path, monkeypatch):

@@ -259,3 +259,40 @@ def test_paraphrased_records_carry_the_complex_caption(tmp_path):
     source = grain.sources.ArrayRecordDataSource([str(tmp_path / "a" / "toyworld.array_record")])
     record = msgpack.unpackb(source[2])
     assert (record["caption"], record["complex"]) == triples[2][2:0:-1]
+
+
+def test_held_out_combinations_never_reach_the_training_shard(tmp_path):
+    """configs/toy.py's hold_out, applied as the main job writes ELLA's training shard
+    (`toyworld.scenes --hold-out`): no training scene states a held-out combination, so no
+    caption of the evaluation's held-out split occurs among the training captions, while most
+    of the other split's do (the template space is small)."""
+    from conftest import ROOT
+
+    from toyworld.evaluate import HELD_OUT, TRAINED, caption_splits
+
+    hold_out = scenes.hold_out_of(ROOT / "configs" / "toy.py")
+    assert len(hold_out.colour_shape) == len(hold_out.shape_position) == 3
+    argv = ["--out", str(tmp_path), "--count", "3000", "--seed", "2", "--array-record",
+            "--hold-out", str(ROOT / "configs" / "toy.py")]  # fmt: skip
+    assert scenes.main(argv) == 0
+    import grain
+    import msgpack
+
+    source = grain.sources.ArrayRecordDataSource([str(tmp_path / "toyworld.array_record")])
+    trained = {msgpack.unpackb(source[i])["caption"] for i in range(len(source))}
+    assert len(source) == 3000
+    assert not any(hold_out.stated(scenes.parse_caption(text)) for text in trained)
+    captions = [text for _, text in generate(1, 192)]  # toyworld.evaluate's
+    splits = caption_splits(captions, hold_out)
+    held_out = [captions[i] for i in splits[HELD_OUT]]
+    seen = [captions[i] for i in splits[TRAINED]]
+    assert len(held_out) > 20 and len(held_out) + len(seen) == 192
+    assert not set(held_out) & trained
+    assert sum(text in trained for text in seen) > len(seen) / 2
+
+
+def test_a_hold_out_of_unknown_words_is_named():
+    with pytest.raises(ValueError, match=r"hold_out\.colour_shape: 'purple circle'"):
+        scenes.HoldOut.from_config({"colour_shape": ["purple circle"]})
+    with pytest.raises(ValueError, match="unknown keys"):
+        scenes.HoldOut.from_config({"colour": ["red"]})

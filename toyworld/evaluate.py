@@ -11,8 +11,13 @@ The connectors read the run's text model (WORKDIR/config.json's text_encoder: th
 it names another, such as models/toy/llm).
 
 The captions are those of `--count` scenes drawn with `--seed` (the training data uses other
-seeds). The connector reads the T5 tokens as it was trained to (WORKDIR/config.json): each
-caption's own tokens when it masked the padding, else the run's fixed token length.
+seeds), scored in splits: all of them; where the run's config has a `hold_out` (configs/toy.py),
+the captions stating only combinations its training scenes had ("trained combinations": most of
+them occur verbatim among the training captions, whose template space is small) and those
+stating a combination no training scene contains ("held-out combinations": new to the
+connector, not to the toy SD, which saw every combination). The connector reads the T5 tokens
+as it was trained to (WORKDIR/config.json): each caption's own tokens when it masked the
+padding, else the run's fixed token length.
 
 Each way also takes the toy DPG-Bench (`toyworld.dpg_bench`) on the first `--dpg-count` of those
 captions: `python -m ella_jax.generate --dpg-bench` draws its 2x2 grids (seeds 0-3), and
@@ -21,10 +26,11 @@ captions: `python -m ella_jax.generate --dpg-bench` draws its 2x2 grids (seeds 0
 Writes WORKDIR/eval/{scores.json, scores.md, samples.png (a row of the first `--grid` captions
 per way, top to bottom as listed), captions.txt, dpg_bench/} (dpg_bench/: the CSV, and per way
 its grids and scores as those commands write them), whole or not at all; an existing eval/ is
-kept unless --overwrite. About 2 minutes on 2 CPU cores. Errors print one line and exit 2.
+kept unless --overwrite. About 4 minutes on 2 CPU cores. Errors print one line and exit 2.
 """
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -45,10 +51,12 @@ from ella_jax.storage import atomic_path
 from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.trained_run import RUN_CONFIG_FILE
 from toyworld import dpg_bench as toy_dpg_bench
+from toyworld.scenes import HoldOut, parse_caption
 from toyworld.scenes import generate as generate_scenes
 from toyworld.score import ATTRIBUTES, score, score_many
 
 REPOSITORY_MODELS = Path(__file__).resolve().parents[1] / "models" / "toy"
+TRAINED, HELD_OUT = "trained combinations", "held-out combinations"  # the splits of a hold-out
 
 
 def draw(
@@ -110,7 +118,8 @@ def evaluate(
     dpg_count: int = 64,
     overwrite: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{way: {attribute: accuracy}} (see the module docstring); writes WORKDIR/eval.
+    """{row: {attribute: accuracy}}, a row per way and split ("trained ELLA: held-out
+    combinations (40)"; see the module docstring); writes WORKDIR/eval.
     token_length: the pipeline's T5 token mode; None: the run's ("flexible" where it trained
     with mask_padding, WORKDIR/config.json). dpg_count: toy DPG-Bench prompts (0: none).
     overwrite: replace an existing WORKDIR/eval (else a FileExistsError, before any work)."""
@@ -124,7 +133,9 @@ def evaluate(
     # The run's text model when it named one (config.text_encoder), else the toy T5; the
     # pipeline reads the run's heads, text layer and token length beside its export.
     run = workdir / RUN_CONFIG_FILE
-    text = (read_json(run) if run.is_file() else {}).get("text_encoder") or {}
+    saved = read_json(run) if run.is_file() else {}
+    text = saved.get("text_encoder") or {}
+    hold_out = HoldOut.from_config(saved.get("hold_out"))
     print(f"loading the models of {models} and {checkpoint} ...", flush=True)
     trained = ELLAPipeline.from_pretrained(
         models / "sd", text.get("path") or models / "t5", checkpoint
@@ -136,6 +147,7 @@ def evaluate(
         "trained ELLA": (trained, "ella"),
     }
     captions = [text for _, text in generate_scenes(seed, count)]
+    splits = caption_splits(captions, hold_out)
     scores, rows, dpg = {}, [], {}
     with tempfile.TemporaryDirectory() as dpg_dir:
         dpg_dir = Path(dpg_dir)
@@ -145,21 +157,42 @@ def evaluate(
             images = draw(
                 pipeline, captions, mode, steps, guidance, seed, token_length, description=way
             )
-            scores[way] = score_many(list(images), captions)
             rows.extend(images[:grid_count])
-            print(f"{way}: " + ", ".join(f"{k} {_accuracy(v)}" for k, v in scores[way].items()))
+            for split, chosen in splits.items():
+                row = f"{way}: {split} ({len(chosen)})"
+                scores[row] = score_many([images[i] for i in chosen], [captions[i] for i in chosen])
+                print(f"{row}: " + ", ".join(f"{k} {_accuracy(v)}" for k, v in scores[row].items()))
+            all_row = f"{way}: all ({len(captions)})"
             if items:
                 flags = ["--mode", mode, "--steps", str(steps), "--guidance", str(guidance),
                          "--token-length", token_length, "--sd", str(models / "sd")]  # fmt: skip
                 out = dpg_dir / generate.slugify(way)
-                dpg[way] = take_dpg_bench(pipeline, csv, items, out, flags)
-                print(f"{way}: toy DPG-Bench {dpg[way]['score']:.1f}")
+                dpg[all_row] = take_dpg_bench(pipeline, csv, items, out, flags)
+                print(f"{way}: toy DPG-Bench {dpg[all_row]['score']:.1f}")
 
         settings = dict(
-            count=count, seed=seed, steps=steps, guidance=guidance, token_length=token_length
+            count=count,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            token_length=token_length,
+            hold_out=dataclasses.asdict(hold_out),
+            splits={split: len(chosen) for split, chosen in splits.items()},
         )
         report(workdir / "eval", scores, captions, rows, grid_count, settings, dpg, dpg_dir)
     return scores
+
+
+def caption_splits(captions: list[str], hold_out: HoldOut) -> dict[str, list[int]]:
+    """{split: indices of `captions`}: "all", and with a hold-out, "trained combinations"
+    (captions stating only combinations the training scenes had) and "held-out combinations"
+    (captions stating one the training scenes never contain)."""
+    held = [bool(hold_out.stated(parse_caption(text))) for text in captions]
+    splits = {"all": list(range(len(captions)))}
+    if any(hold_out.colour_shape + hold_out.shape_position + hold_out.relation):
+        splits[TRAINED] = [i for i, h in enumerate(held) if not h]
+        splits[HELD_OUT] = [i for i, h in enumerate(held) if h]
+    return splits
 
 
 def _accuracy(value: float) -> str:
@@ -211,7 +244,7 @@ def report(
     ]
     for way, accuracy in scores.items():
         cells = ("-" if np.isnan(accuracy[a]) else f"{accuracy[a]:.2f}" for a in ATTRIBUTES)
-        extra = f" {dpg[way]['score']:.1f} |" if way in dpg else ""
+        extra = f" {dpg[way]['score']:.1f} |" if way in dpg else " - |" if dpg else ""
         table.append(f"| {way} | " + " | ".join(cells) + f" |{extra}")
     if dpg:
         categories = list(next(iter(dpg.values()))["l1"])

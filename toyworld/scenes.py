@@ -13,7 +13,10 @@ With `--paraphrase` each scene also gets a paraphrase in words the toy text enco
 the paraphrase (SUR-adapter's simple prompt) and its "complex" the template caption.
 
     python -m toyworld.scenes --out DIR --count N --seed S [--size 32] [--array-record]
-        [--paraphrase]
+        [--paraphrase] [--hold-out configs/toy.py]
+
+`--hold-out CONFIG` leaves out every scene that states a combination of the config's
+`hold_out` (`HoldOut`): ELLA's training scenes, so that captions stating one are new to it.
 """
 
 import argparse
@@ -151,6 +154,54 @@ class Spec:
 
     objects: tuple[Required, ...]
     relation: str | None = None
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """Combinations ELLA's training scenes never contain (configs/toy.py's `hold_out`), so that
+    captions stating them measure generalisation: "colour shape" (an object of that colour and
+    shape: "red triangle"), "shape cell" (that shape placed in that cell: "circle top left"),
+    "shape relation shape" ("square above circle": the first shape `relation` the second)."""
+
+    colour_shape: tuple[str, ...] = ()
+    shape_position: tuple[str, ...] = ()
+    relation: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any) -> "HoldOut":
+        """From a config's `hold_out` block (a mapping; None or empty: nothing held out); a
+        combination of unknown words is a ValueError naming it."""
+        config = dict(config or {})
+        unknown = sorted(set(config) - {"colour_shape", "shape_position", "relation"})
+        if unknown:
+            raise ValueError(f"hold_out: unknown keys {unknown}")
+        hold_out = cls(**{key: tuple(value) for key, value in config.items()})
+        valid = {
+            "colour_shape": {f"{c} {s}" for c in COLOURS for s in SHAPES},
+            "shape_position": {f"{s} {cell}" for s in SHAPES for cell in CELLS},
+            "relation": {f"{a} {r} {b}" for a in SHAPES for r in RELATIONS for b in SHAPES},
+        }
+        for key, allowed in valid.items():
+            for combination in getattr(hold_out, key):
+                if combination not in allowed:
+                    raise ValueError(f"hold_out.{key}: {combination!r} is no combination of the "
+                                     "toy world's words")  # fmt: skip
+        return hold_out
+
+    def stated(self, spec: Spec) -> list[str]:
+        """The held-out combinations `spec` (what a caption states) contains."""
+        found = []
+        for obj in spec.objects:
+            if f"{obj.colour} {obj.shape}" in self.colour_shape:
+                found.append(f"{obj.colour} {obj.shape}")
+            if obj.position and f"{obj.shape} {obj.position}" in self.shape_position:
+                found.append(f"{obj.shape} {obj.position}")
+        if spec.relation:
+            first, second = spec.objects
+            pair = f"{first.shape} {spec.relation} {second.shape}"
+            if pair in self.relation:
+                found.append(pair)
+        return found
 
 
 def object_mask(obj: Obj, size: int) -> np.ndarray:
@@ -372,38 +423,53 @@ def parse_caption(text: str) -> Spec:
     return Spec((required("head", _CELL_OF.get(match["place"])),))
 
 
-def generate(seed: int, count: int, size: int = 32) -> list[tuple[np.ndarray, str]]:
-    """`count` (image (size, size, 3) uint8, caption) pairs, all drawn from one generator seeded
-    with `seed`."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for _ in range(count):
+def _scenes(
+    rng: np.random.Generator, count: int, size: int, hold_out: HoldOut | None
+) -> Iterable[Scene]:
+    """`count` scenes from `rng`, those stating a held-out combination skipped (and not
+    counted)."""
+    made = 0
+    while made < count:
         scene = sample_scene(rng, size)
-        pairs.append((render(scene, size), caption(scene, rng)))
-    return pairs
+        if hold_out is None or not hold_out.stated(scene_spec(scene)):
+            made += 1
+            yield scene
+
+
+def generate(
+    seed: int, count: int, size: int = 32, hold_out: HoldOut | None = None
+) -> list[tuple[np.ndarray, str]]:
+    """`count` (image (size, size, 3) uint8, caption) pairs, all drawn from one generator seeded
+    with `seed`; with `hold_out`, none of its combinations in any scene."""
+    rng = np.random.default_rng(seed)
+    return [
+        (render(scene, size), caption(scene, rng)) for scene in _scenes(rng, count, size, hold_out)
+    ]
 
 
 def generate_paraphrased(
-    seed: int, count: int, size: int = 32
+    seed: int, count: int, size: int = 32, hold_out: HoldOut | None = None
 ) -> list[tuple[np.ndarray, str, str]]:
     """`count` (image, template caption, paraphrase) triples from one generator seeded with
-    `seed`."""
+    `seed`; `hold_out` as in `generate`."""
     rng = np.random.default_rng(seed)
-    triples = []
-    for _ in range(count):
-        scene = sample_scene(rng, size)
-        triples.append((render(scene, size), caption(scene, rng), paraphrase(scene, rng)))
-    return triples
+    return [
+        (render(scene, size), caption(scene, rng), paraphrase(scene, rng))
+        for scene in _scenes(rng, count, size, hold_out)
+    ]
 
 
-def _records(seed: int, count: int, size: int, paraphrased: bool) -> list[dict[str, Any]]:
+def _records(
+    seed: int, count: int, size: int, paraphrased: bool, hold_out: HoldOut | None = None
+) -> list[dict[str, Any]]:
     """{"image" (uint8 array), "caption"} per scene; paraphrased: the paraphrase is the
     "caption" and the template caption the "complex"."""
     if not paraphrased:
-        return [{"image": image, "caption": text} for image, text in generate(seed, count, size)]
+        pairs = generate(seed, count, size, hold_out)
+        return [{"image": image, "caption": text} for image, text in pairs]
     return [
         {"image": image, "caption": simple, "complex": template}
-        for image, template, simple in generate_paraphrased(seed, count, size)
+        for image, template, simple in generate_paraphrased(seed, count, size, hold_out)
     ]
 
 
@@ -415,14 +481,19 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def write_folder(
-    path: str | Path, seed: int, count: int, size: int = 32, paraphrased: bool = False
+    path: str | Path,
+    seed: int,
+    count: int,
+    size: int = 32,
+    paraphrased: bool = False,
+    hold_out: HoldOut | None = None,
 ) -> Path:
     """Writes `path`/images/00000.png ... and `path`/captions.jsonl (the manifest that
     `train.data.read_manifest` reads); returns the manifest's path."""
     path = Path(path)
     (path / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, record in enumerate(_records(seed, count, size, paraphrased)):
+    for i, record in enumerate(_records(seed, count, size, paraphrased, hold_out)):
         name = f"images/{i:05d}.png"
         (path / name).write_bytes(png_bytes(record.pop("image")))
         lines.append(json.dumps({"image": name, **record}))
@@ -432,14 +503,31 @@ def write_folder(
 
 
 def write_array_record(
-    path: str | Path, seed: int, count: int, size: int = 32, paraphrased: bool = False
+    path: str | Path,
+    seed: int,
+    count: int,
+    size: int = 32,
+    paraphrased: bool = False,
+    hold_out: HoldOut | None = None,
 ) -> None:
     """Writes one ArrayRecord shard `path` of {"image": PNG bytes, "caption"} records (and
     "complex", paraphrased)."""
     from ella_jax.train.data import write_array_record as write_records
 
-    records = _records(seed, count, size, paraphrased)
+    records = _records(seed, count, size, paraphrased, hold_out)
     write_records([{**r, "image": png_bytes(r["image"])} for r in records], path)
+
+
+def hold_out_of(config_file: str | Path) -> HoldOut:
+    """The `hold_out` of a config file's get_config() (configs/*.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hold_out_config", config_file)
+    if spec is None or not Path(config_file).is_file():
+        raise FileNotFoundError(f"{config_file}: no such config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return HoldOut.from_config(module.get_config().get("hold_out"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,9 +550,21 @@ def main(argv: list[str] | None = None) -> int:
         "(SUR-adapter's simple and complex prompts)",
     )
     parser.add_argument(
+        "--hold-out",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="leave out every scene stating a combination of the config's hold_out (e.g. "
+        "configs/toy.py: ELLA's training scenes)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing output (else an error)"
     )
     args = parser.parse_args(argv)
+    try:
+        hold_out = None if args.hold_out is None else hold_out_of(args.hold_out)
+    except (OSError, ValueError) as e:
+        return error_exit(e)
     # One rule for every command's output: an existing one is kept unless --overwrite, and a
     # new one appears whole or not at all.
     target = args.out / ARRAY_RECORD_FILE if args.array_record else args.out
@@ -473,9 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         return error_exit(FileExistsError(f"{target}: already exists (pass --overwrite)"))
     with atomic_path(target, overwrite=True) as staging:
         if args.array_record:
-            write_array_record(staging, args.seed, args.count, args.size, args.paraphrase)
+            write_array_record(staging, args.seed, args.count, args.size, args.paraphrase, hold_out)
         else:
-            write_folder(staging, args.seed, args.count, args.size, args.paraphrase)
+            write_folder(staging, args.seed, args.count, args.size, args.paraphrase, hold_out)
     print(f"wrote {args.count} images of {args.size}x{args.size} pixels: {target}")
     return 0
 
