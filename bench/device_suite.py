@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.model_configs import SUITES
+from bench.model_configs import SUITES, pooled_width
 from bench.timing import median_seconds
 
 RESULT = "RESULT "  # a part's last line of output: RESULT {json}
@@ -98,14 +98,6 @@ def _random_params(module, *example, seed: int, scale: float = 0.02, **keywords)
     return jax.tree.map(draw, jax.eval_shape(init, jax.random.key(0), *example)["params"])
 
 
-def _pooled_width(unet_config: dict) -> int | None:
-    """The width of SDXL's pooled text embedding the UNet takes; None: no added conditions."""
-    if unet_config.get("addition_embed_type") != "text_time":
-        return None
-    time_ids = 6 * unet_config["addition_time_embed_dim"]
-    return unet_config["projection_class_embeddings_input_dim"] - time_ids
-
-
 def _added_conditions(shapes: dict, batch: int) -> dict:
     """The UNet's added conditions for `batch` images, as keyword arguments: SDXL's pooled
     embedding (random) and the time ids of an uncropped image at the suite's size; {} for SD."""
@@ -113,7 +105,7 @@ def _added_conditions(shapes: dict, batch: int) -> dict:
 
     from ella_jax.sampling import sdxl_time_ids
 
-    width = _pooled_width(shapes["unet"])
+    width = pooled_width(shapes["unet"])
     if width is None:
         return {}
     size = shapes["resolution"]
@@ -201,7 +193,7 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
     acp = jnp.asarray(alphas_cumprod(SchedulerConfig.from_dict(shapes["scheduler"])))
     step_config = StepConfig("epsilon", shapes["scaling_factor"], 0.0, 0.9999, 0.0, False)
     models = Models(None, None, unet, ella)
-    sdxl = _pooled_width(shapes["unet"]) is not None
+    sdxl = pooled_width(shapes["unet"]) is not None
     conditioner = ella_conditioner(models, step_config.mask_padding, sdxl)
     train_step = make_train_step(models, optimizer, acp, step_config, conditioner)
 
@@ -222,7 +214,7 @@ def jax_train_step(shapes: dict, remat: str, steps: int, compile_only: bool = Fa
             "valid": ((size,), jnp.bool_),
         }
         if sdxl:  # precomputed, as train.precompute writes them
-            pooled = _pooled_width(shapes["unet"])
+            pooled = pooled_width(shapes["unet"])
             shapes_dtypes.update(
                 pooled=((size, pooled), jnp.float16), time_ids=((size, 6), jnp.float32)
             )

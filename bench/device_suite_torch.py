@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
+from bench.model_configs import pooled_width
 from bench.timing import median_seconds
 from bench.torch_ella import TorchELLA
 
@@ -45,10 +46,9 @@ def _models(shapes: dict, device: torch.device) -> tuple[UNet2DConditionModel, T
 
 def _added_conditions(shapes: dict, batch: int, device: torch.device) -> dict:
     """diffusers' `added_cond_kwargs` for `batch` images (SDXL), {} for a UNet without them."""
-    config = shapes["unet"]
-    if config.get("addition_embed_type") != "text_time":
+    width = pooled_width(shapes["unet"])
+    if width is None:
         return {}
-    width = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     size = shapes["resolution"]
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=device)
     text_embeds = torch.randn(batch, width, device=device, dtype=torch.bfloat16)

@@ -99,6 +99,16 @@ ELLA_SD15 = dict(
     input_dim=2048,
 )
 
+
+def pooled_width(unet_config: dict) -> int | None:
+    """The width of SDXL's pooled text embedding a UNet config takes (its added conditions);
+    None for a UNet without them."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    time_ids = 6 * unet_config["addition_time_embed_dim"]
+    return unet_config["projection_class_embeddings_input_dim"] - time_ids
+
+
 # ELLA at SDXL's width, as configs/ella_sdxl_t5xl.py trains it.
 ELLA_SDXL = dict(
     time_channel=320,

@@ -131,9 +131,8 @@ class Renderer:
         self.args = args
         self.upsample = upsample
         self.upsampled: dict[str, str] = {}
-        vae = pipe.modules["vae"].config
-        factor = 2 ** (len(vae.block_out_channels) - 1)
-        self.latent_shape = (args.size // factor, args.size // factor, vae.latent_channels)
+        factor, channels = pipe.vae_scale_factor, pipe.modules["vae"].config.latent_channels
+        self.latent_shape = (args.size // factor, args.size // factor, channels)
 
     def text(self, prompt: str) -> str:
         """What the text encoders get for `prompt`: the upsampled caption if asked for."""

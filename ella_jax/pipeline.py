@@ -175,11 +175,15 @@ class ELLAPipeline:
         return cls(modules, params, tokenizers, scheduler_config, mesh, zeros, trained)
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along a side: 2 ** (the VAE's levels - 1)."""
+        return 2 ** (len(self.modules["vae"].config.block_out_channels) - 1)
+
+    @property
     def default_size(self) -> int:
         """Pixels of an image's side when none is asked for: the UNet's sample_size times the
         VAE's scale factor, as diffusers."""
-        vae_blocks = len(self.modules["vae"].config.block_out_channels)
-        return self.modules["unet"].config.sample_size * 2 ** (vae_blocks - 1)
+        return self.modules["unet"].config.sample_size * self.vae_scale_factor
 
     def encode_prompt(
         self, prompts: list[str] | str, token_length: Literal["fixed", "flexible"] | None = None
@@ -305,7 +309,7 @@ class ELLAPipeline:
             cond, uncond = cond._replace(time_ids=time_ids), uncond._replace(time_ids=time_ids)
 
         vae_config = self.modules["vae"].config
-        factor = 2 ** (len(vae_config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         if latents is None:
             shape = (len(prompts), height // factor, width // factor, vae_config.latent_channels)
             latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)

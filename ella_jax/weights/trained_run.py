@@ -64,9 +64,11 @@ def trained_with(checkpoint: str | os.PathLike) -> TrainedWith | None:
     """The settings of the run whose export `checkpoint` is (a work directory or a file in one,
     beside its config.json); None for a checkpoint of no run (the released ELLA, a converted
     directory)."""
-    path = storage.path(checkpoint)
-    folder = path if run_config(path) is not None else path.parent
+    folder = storage.path(checkpoint)
     config = run_config(folder)
+    if config is None:  # a file (or converted directory) beside the run's config
+        folder = folder.parent
+        config = run_config(folder)
     if config is None:
         return None
     layer = (config.get("text_encoder") or {}).get("layer")
