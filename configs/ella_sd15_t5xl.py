@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
             caption_weights=(),  # [ours] several captions: their weights by position (): uniform
             image_column="jpg",  # [ours] parquet: the encoded images' column (img2dataset's)
             caption_columns=("caption",),  # [ours] parquet: the captions' columns
-            read_threads=16,  # [ours] decoding threads per process
+            read_threads=4,  # [ours] threads per process, a batch each (<= prefetch_batches)
             prefetch_batches=4,  # [ours] batches read ahead per process (host memory)
         )
     )

@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
             resolution=512,  # [run.sh] resize, centre crop (random flip: not implemented)
             caption_dropout=0.0,  # [train] none
             max_skipped_fraction=0.5,  # [ours]
-            read_threads=16,  # [ours]
+            read_threads=4,  # [ours]
             prefetch_batches=4,  # [ours]
         )
     )

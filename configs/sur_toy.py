@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
             resolution=32,
             caption_dropout=0.0,  # official: none
             max_skipped_fraction=0.5,
-            read_threads=16,
+            read_threads=4,
             prefetch_batches=4,
         )
     )

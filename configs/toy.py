@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
             caption_weights=(),  # several captions: their weights, by position; (): uniform
             image_column="jpg",  # parquet: the encoded images' column (img2dataset's name)
             caption_columns=("caption",),  # parquet: the captions' columns; several: as above
-            read_threads=16,  # decoding threads per process
+            read_threads=4,  # threads per process, a batch each (<= prefetch_batches)
             prefetch_batches=4,  # batches read ahead per process (host memory)
         )
     )

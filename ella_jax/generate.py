@@ -2,10 +2,13 @@
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -13,11 +16,11 @@ from etils import epath
 from PIL import Image
 
 from ella_jax import storage
-from ella_jax.cli import error_exit
+from ella_jax.cli import error_exit, finite_float, natural_int, positive_int
 from ella_jax.images import grid, save_png
 from ella_jax.plugin import PluginError, load_function
 from ella_jax.weights.tensors import CheckpointError, read_json
-from ella_jax.weights.trained_run import checkpoint_in, trained_with
+from ella_jax.weights.trained_run import TrainedWith, check_text_model, checkpoint_in, trained_with
 
 DESCRIPTION = """\
 Render prompts with ELLA (T5 -> ELLA connector -> Stable Diffusion UNet) to PNG files.
@@ -34,7 +37,10 @@ dpg_bench.csv, or a TSV of id<TAB>prompt lines, as data/dpg_bench_prompts.tsv).
              Resumable: ids whose PNG exists are skipped, and every PNG is written whole or
              not at all.
 
-Errors print one line and exit with status 2.
+Outputs never touch the inputs: an --out that is, holds or lies in a model folder, a
+connector's run or a prompts file is refused, and --overwrite replaces only what this command
+writes (PNG files and settings.json). Errors print one line and exit with status 2; an
+interrupted run (Ctrl-C, SIGTERM) leaves no half-written output and exits with status 130.
 """
 
 DPG_IMAGES = 4  # DPG-Bench scores a 2x2 grid of four samples per prompt
@@ -42,6 +48,7 @@ GAP = 2  # pixels between the cells of grid.png and of the comparisons
 SCHEDULER_FLAGS = {"dpmsolver": "dpm", "ddim": "ddim", "euler": "euler"}  # kind: --scheduler
 SETTINGS_FILE = "settings.json"  # a DPG-Bench output's settings: a resume must match them
 DPG_HEADER_COLUMNS = {"prompt", "prompts", "text", "caption"}
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 12.0  # ELLA's reference inference, where no run says
 
 
 class UsageError(Exception):
@@ -60,7 +67,7 @@ def read_prompts_file(path: str | os.PathLike) -> list[str]:
     path = storage.reachable(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such prompts file")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line.strip() for line in storage.read_text(path).splitlines()]
     prompts = [prompt for prompt in prompts if prompt]
     if not prompts:
         raise UsageError(f"{path}: no prompts (every line is blank)")
@@ -74,20 +81,18 @@ def read_dpg_bench(path: str | os.PathLike) -> list[tuple[str, str]]:
     path = storage.reachable(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such DPG-Bench prompts file")
-    if path.suffix.lower() == ".csv":
-        from ella_jax.dpg_bench.questions import BenchmarkError, read_prompts
+    from ella_jax.dpg_bench.questions import BenchmarkError, check_item_id, read_prompts
 
-        try:
-            numbered = [(None, key, prompt) for key, prompt in read_prompts(path)]
-        except BenchmarkError as e:
-            raise UsageError(str(e)) from None
-    else:
-        numbered = _read_tsv(path)
-    for number, key, _ in numbered:
-        where = f"{path}:{number}" if number else f"{path}: item {key}"
-        if not re.fullmatch(r"[\w.-]+", key) or key.startswith("."):
-            raise UsageError(f"{where}: id {key!r} cannot be a file name")
-    items = [(key, prompt) for _, key, prompt in numbered]
+    try:
+        if path.suffix.lower() == ".csv":
+            items = read_prompts(path)  # its ids checked
+        else:
+            items = []
+            for number, key, prompt in _read_tsv(path):
+                check_item_id(key, f"{path}:{number}")
+                items.append((key, prompt))
+    except BenchmarkError as e:
+        raise UsageError(str(e)) from None
     counts = collections.Counter(key for key, _ in items)
     duplicates = sorted(key for key, count in counts.items() if count > 1)
     if duplicates:
@@ -98,7 +103,7 @@ def read_dpg_bench(path: str | os.PathLike) -> list[tuple[str, str]]:
 def _read_tsv(path: epath.Path) -> list[tuple[int, str, str]]:
     """(line number, id, prompt) per `id<TAB>prompt` line."""
     items: list[tuple[int, str, str]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         key, tab, prompt = line.partition("\t")
@@ -193,16 +198,21 @@ class Renderer:
             mode=args.mode,
             scheduler=SCHEDULER_FLAGS[self.pipe.scheduler.kind],
             dtype=args.dtype,
-            sd=str(args.sd),
-            t5=str(args.t5),
+            sd=_text(args.sd),
+            t5=_text(args.t5),
             text_layer=args.text_layer,
-            ella=str(args.ella),
+            ella=_text(args.ella),
             ella_heads=args.ella_heads,
-            sur=str(args.sur),
+            sur=_text(args.sur),
             sur_attend=_sur_attend(self.pipe),
             upsample_captions=args.upsample_captions,
         )
         return values
+
+
+def _text(location: os.PathLike | None) -> str | None:
+    """A path as the metadata records it (None stays None, not "None")."""
+    return None if location is None else os.fspath(location)
 
 
 def _progress(total: int, unit: str):
@@ -285,10 +295,13 @@ def _sur_attend(pipe) -> str | None:
     return None if adapter is None else adapter.attend
 
 
-def _check_models(args: argparse.Namespace) -> None:
-    """Fails fast, before anything heavy loads, on missing model paths and on a size the VAE
-    and UNet cannot take."""
+def _check_models(args: argparse.Namespace) -> TrainedWith | None:
+    """Fails fast, before anything heavy loads, on missing model paths, on a size the VAE and
+    UNet cannot take, and on flags or a text model that contradict the connector's run;
+    returns the run's settings (None: no run's connector)."""
     uses_ella = args.mode in ("ella", "ella+clip")
+    if args.ella is not None and args.t5 is None:
+        raise UsageError(f"--ella {args.ella} needs --t5: the connector reads its text features")
     for flag, path, needed in (("--sd", args.sd, True), ("--t5", args.t5, uses_ella)):
         if path is None and needed:
             raise UsageError(f"--mode {args.mode} needs {flag}")
@@ -301,7 +314,7 @@ def _check_models(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {path}: no such file or directory")
     if args.mode == "sur" and args.sur is None:
         raise UsageError("--mode sur needs --sur")
-    _check_trained_settings(args)
+    trained = _check_trained_settings(args)
     vae = read_json(args.sd / "vae" / "config.json")
     unet = read_json(args.sd / "unet" / "config.json")
     try:
@@ -316,16 +329,18 @@ def _check_models(args: argparse.Namespace) -> None:
             f"--size {args.size} is not divisible by {factor * unet_factor} (the VAE's latent "
             f"factor {factor} times the UNet's downsampling {unet_factor})"
         )
+    return trained
 
 
-def _check_trained_settings(args: argparse.Namespace) -> None:
-    """A connector a run exported is sampled as it trained (its config.json beside it: the
-    pipeline's defaults); a flag that contradicts the run is an error, not an override."""
+def _check_trained_settings(args: argparse.Namespace) -> TrainedWith | None:
+    """A connector a run exported is sampled as it trained (the settings in its metadata or
+    its run's config.json: the pipeline's defaults); a flag that contradicts the run, or a
+    text model of another architecture (unless --force-text-model), is an error."""
     if args.ella is None:
-        return
+        return None
     trained = trained_with(checkpoint_in(args.ella))
     if trained is None:
-        return
+        return None
     padding = "masked" if trained.token_length == "flexible" else "attended"
     if args.token_length not in (None, trained.token_length):
         raise UsageError(
@@ -337,13 +352,57 @@ def _check_trained_settings(args: argparse.Namespace) -> None:
             f"--text-layer {args.text_layer}: {trained.source} trained the connector on layer "
             f"{trained.text_layer} (None: the last); leave the flag out"
         )
+    if not args.force_text_model:
+        check_text_model(trained, args.t5)
+    return trained
+
+
+def _sampling_defaults(args: argparse.Namespace, trained: TrainedWith | None) -> None:
+    """--steps and --guidance where not given: those of the run's own samples
+    (config.sample_steps, sample_guidance), else ELLA's reference inference's."""
+    if args.steps is None:
+        args.steps = (trained and trained.sample_steps) or DEFAULT_STEPS
+    if args.guidance is None:
+        known = trained is not None and trained.sample_guidance is not None
+        args.guidance = trained.sample_guidance if known else DEFAULT_GUIDANCE
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuses an --out whose writing would touch an input: the same location as an input, or
+    one that holds an input or lies inside one (with --overwrite it would be replaced)."""
+    inputs = {"--sd": args.sd, "--t5": args.t5, "--ella": args.ella, "--sur": args.sur,
+              "--prompts-file": args.prompts_file, "--dpg-bench": args.dpg_bench}  # fmt: skip
+    for flag, location in inputs.items():
+        if location is not None and storage.overlap(args.out, location):
+            raise UsageError(
+                f"--out {args.out}: overlaps {flag} {location} (one is or holds the other), "
+                "which writing the images would change: use another folder"
+            )
+
+
+def _check_replaceable(out: epath.Path, overwrite: bool) -> None:
+    """An --out that holds files is replaced only with --overwrite, and only when they are all
+    of this command's kind (PNG files, settings.json): never a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(
+            f"--out {out}: not empty; use a new folder, or --overwrite to replace it whole"
+        )
+    for entry in sorted(out.iterdir()):
+        ours = entry.suffix.lower() == ".png" or entry.name == SETTINGS_FILE
+        if not ours and not storage.is_staging(entry.name):
+            raise UsageError(
+                f"--out {out}: holds {entry.name}, which this command does not write; "
+                f"--overwrite replaces only its outputs (PNG files, {SETTINGS_FILE}): use "
+                "another folder"
+            )
 
 
 def _run(args: argparse.Namespace) -> str:
-    if args.batch_size < 1 or args.steps < 1 or (args.size is not None and args.size < 1):
-        raise UsageError("--batch-size, --steps and --size must be positive")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError("--limit must be positive")
+    _check_out(args)
     if args.dpg_bench is not None:
         items = read_dpg_bench(args.dpg_bench)[: args.limit]
     else:
@@ -351,7 +410,8 @@ def _run(args: argparse.Namespace) -> str:
         prompts = prompts[: args.limit]
         if any(not prompt.strip() for prompt in prompts):
             raise UsageError("--prompt: empty prompt")
-    _check_models(args)
+    trained = _check_models(args)
+    _sampling_defaults(args, trained)
     upsample = (
         load_function(args.upsample_captions, "--upsample-captions")
         if args.upsample_captions
@@ -366,10 +426,8 @@ def _run(args: argparse.Namespace) -> str:
             print(f"{len(items) - len(todo)} of {len(items)} prompts already done in {out}")
         if not todo:
             return "nothing to do"
-    elif out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(
-            f"--out {out}: not empty; use a new folder, or --overwrite to replace it whole"
-        )
+    else:
+        _check_replaceable(out, args.overwrite)
     print("loading the models ...", flush=True)
 
     from ella_jax.pipeline import ELLAPipeline
@@ -384,6 +442,7 @@ def _run(args: argparse.Namespace) -> str:
         sur=args.sur,
         sur_mode=args.sur_mode,
         text_layer=args.text_layer,
+        force_text_model=args.force_text_model,
     )
     # What the pipeline takes from its models and the connector's run when no flag says.
     args.size = args.size or pipe.default_size
@@ -416,11 +475,16 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def _check_resumable(out: epath.Path, settings: dict, overwrite: bool) -> None:
     """A DPG-Bench output is resumed only when its grids were drawn with `settings`;
-    `overwrite`: it is removed and drawn again."""
-    if not out.exists() or not any(out.iterdir()):
-        return
+    `overwrite`: its grids are removed (the folder stays) and drawn again."""
     if overwrite:
-        out.rmtree()
+        _check_replaceable(out, overwrite)
+        for entry in out.iterdir() if out.exists() else ():
+            if entry.is_dir():
+                entry.rmtree()
+            else:
+                entry.unlink()
+        return
+    if not out.exists() or not any(out.iterdir()):
         return
     saved_path = out / SETTINGS_FILE
     if not saved_path.is_file():
@@ -446,14 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models")
     models.add_argument(
         "--sd",
-        type=storage.path,
+        type=storage.path_argument,
         required=True,
         metavar="DIR",
         help="diffusers Stable Diffusion 1.5 or SDXL folder",
     )
     models.add_argument(
         "--t5",
-        type=storage.path,
+        type=storage.path_argument,
         default=None,
         metavar="DIR",
         help="ELLA's text model: a Hugging Face T5 folder (flan-t5-xl) or decoder-only LLM "
@@ -461,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument(
         "--text-layer",
-        type=int,
+        type=natural_int,
         default=None,
         metavar="K",
         help="the LLM's hidden-state entry the connector was trained on (transformers' "
@@ -470,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument(
         "--ella",
-        type=storage.path,
+        type=storage.path_argument,
         default=None,
         metavar="PATH",
         help="official ELLA .safetensors (ella-sd1.5-tsc-t5xl), a converted directory, or a "
@@ -479,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument(
         "--sur",
-        type=storage.path,
+        type=storage.path_argument,
         default=None,
         metavar="PATH",
         help="SUR-adapter: official .safetensors (sur_config.json beside it) or a converted "
@@ -496,11 +560,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_argument(
         "--ella-heads",
-        type=int,
+        type=positive_int,
         metavar="N",
         default=None,
         help="ELLA attention heads, for an official file that stores none (this project's "
         "exports carry them; 8 for the released shapes); one that contradicts them is an error",
+    )
+    models.add_argument(
+        "--force-text-model",
+        action="store_true",
+        help="use --t5 although the connector's run trained on a text model of another "
+        "architecture (its export records which; refused without this flag)",
     )
     models.add_argument(
         "--dtype",
@@ -517,19 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sources.add_argument(
         "--prompts-file",
-        type=storage.path,
+        type=storage.path_argument,
         metavar="FILE",
         help="text file, one prompt per line (blank lines skipped)",
     )
     sources.add_argument(
         "--dpg-bench",
-        type=storage.path,
+        type=storage.path_argument,
         metavar="FILE",
         help="DPG-Bench prompts: its dpg_bench.csv, or id<TAB>prompt lines (e.g. "
         "data/dpg_bench_prompts.tsv)",
     )
     source.add_argument(
-        "--limit", type=int, default=None, metavar="N", help="only the first N prompts"
+        "--limit", type=positive_int, default=None, metavar="N", help="only the first N prompts"
     )
     source.add_argument(
         "--upsample-captions",
@@ -544,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
         "--out",
-        type=storage.path,
+        type=storage.path_argument,
         required=True,
         metavar="DIR",
         help="output folder: new or empty (a DPG-Bench one drawn with the same settings "
@@ -553,29 +623,35 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a --out that holds files (another run's, or DPG-Bench grids drawn with "
-        "other settings)",
+        help="replace a --out that holds an earlier output of this command (PNG files and "
+        "settings.json only; another run's, or DPG-Bench grids drawn with other settings)",
     )
     sampling.add_argument(
-        "--steps", type=int, default=50, metavar="N", help="sampler steps (default: 50)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"sampler steps (default: the connector's run's config.sample_steps, else "
+        f"{DEFAULT_STEPS})",
     )
     sampling.add_argument(
         "--guidance",
-        type=float,
-        default=12.0,
+        type=finite_float,
+        default=None,
         metavar="SCALE",
-        help="classifier-free guidance (default: 12.0)",
+        help="classifier-free guidance (default: the connector's run's config.sample_guidance, "
+        f"else {DEFAULT_GUIDANCE})",
     )
     sampling.add_argument(
         "--seed",
-        type=int,
+        type=natural_int,
         default=0,
         metavar="SEED",
         help="seed of the first image; image i uses SEED + i (default: 0)",
     )
     sampling.add_argument(
         "--size",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="PIXELS",
         help="image height and width in pixels (default: the UNet's sample_size times the "
@@ -592,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampling.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         metavar="N",
         default=4,
         help="images per pipeline call; the last batch is padded, so one compilation serves all "
@@ -638,10 +714,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_sd and args.mode == "clip":
         parser.error("--compare-sd with --mode clip would compare plain SD with itself")
     try:
-        print(_run(args))
+        with _sigterm_interrupts():
+            print(_run(args))
     except (UsageError, CheckpointError, PluginError, OSError) as e:
         return error_exit(e)
+    except KeyboardInterrupt:
+        print("interrupted: no output was left half-written", file=sys.stderr)
+        return 130
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a job scheduler's, `timeout`'s) unwinds as Ctrl-C does: staged outputs go."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can be set from the main thread only
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

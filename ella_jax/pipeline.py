@@ -2,6 +2,7 @@
 (and plain SD, and SUR-adapter's: CLIP, the adapter, the UNet)."""
 
 import functools
+import math
 import os
 from typing import Literal
 
@@ -27,7 +28,12 @@ from ella_jax.weights.ella import load_ella
 from ella_jax.weights.sur import load_sur_adapter
 from ella_jax.weights.tensors import CheckpointError, read_config, read_json
 from ella_jax.weights.text_model import load_text_model
-from ella_jax.weights.trained_run import TrainedWith, checkpoint_in, trained_with
+from ella_jax.weights.trained_run import (
+    TrainedWith,
+    check_text_model,
+    checkpoint_in,
+    trained_with,
+)
 
 FIXED_TOKEN_LENGTH = 128  # ELLA's T5 length in training and in the reference inference
 Mode = Literal["ella", "ella+clip", "clip", "sur"]
@@ -102,6 +108,7 @@ class ELLAPipeline:
         sur: str | os.PathLike | None = None,
         sur_mode: Literal["official", "fixed"] | None = None,
         text_layer: int | None = None,
+        force_text_model: bool = False,
     ) -> "ELLAPipeline":
         """sd: a diffusers Stable Diffusion folder; t5: ELLA's text model, a Hugging Face T5
         folder (flan-t5-xl) or decoder-only LLM folder (Llama, Mistral, Qwen2; `text_layer`: the
@@ -109,7 +116,9 @@ class ELLAPipeline:
         ella: an official ELLA .safetensors, a converted directory or a training work directory
         (its export; `ella_heads` as in `load_ella`); ELLA needs the text model. An ELLA a run
         exported brings the run's settings (its config.json beside it): its text layer, and the
-        token length and padding of every call; a `text_layer` that contradicts it is an error.
+        token length and padding of every call; a `text_layer` that contradicts it is an error,
+        and so is a text model of another architecture than the run's (`force_text_model`: use
+        it all the same).
         sur: a SUR-adapter (`load_sur_adapter`, or a training work directory; `sur_mode`
         "official": its encoder attends over the batch, as released; "fixed": over tokens; None:
         as the file stores, else official).
@@ -119,6 +128,8 @@ class ELLAPipeline:
         scheduler class. `mesh`: shard the parameters and the batch over it."""
         sd = storage.reachable(sd)
         trained = None
+        if ella is not None and t5 is None:
+            raise ValueError(f"{ella}: ELLA reads text features: give the T5 or LLM folder (t5=)")
         if ella is not None:
             ella = checkpoint_in(ella)
             trained = trained_with(ella)
@@ -131,6 +142,8 @@ class ELLAPipeline:
                     f"layer {trained.text_layer} (None: the last)"
                 )
             text_layer = trained.text_layer
+            if not force_text_model:
+                check_text_model(trained, t5)
         dtype = jnp.dtype(dtype)
         t5_dtype = jnp.dtype(t5_dtype or (jnp.float32 if dtype == jnp.float32 else jnp.float16))
         unet, unet_params = load_unet(sd / "unet", dtype)
@@ -147,8 +160,6 @@ class ELLAPipeline:
         if is_sdxl(sd):
             second = load_sdxl_text_encoder_2(sd, dtype)
             modules["clip_2"], params["clip_2"], tokenizers["clip_2"], zeros = second
-        if ella is not None and t5 is None:
-            raise ValueError(f"{ella}: ELLA reads text features: give the T5 or LLM folder (t5=)")
         if t5 is not None:
             modules["t5"], params["t5"] = load_text_model(t5, t5_dtype, text_layer)
             tokenizers["t5"] = load_tokenizer(t5)
@@ -293,6 +304,11 @@ class ELLAPipeline:
         official demo leaves it."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = height or self.default_size, width or self.default_size
+        if num_inference_steps < 1 or not math.isfinite(guidance_scale):
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} must be at least 1 and "
+                f"guidance_scale={guidance_scale} finite"
+            )
         if negative_prompt is None:
             negatives = None
         else:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -215,6 +216,17 @@ def test_info_describes_the_checkpoint_and_runs_it(capsys):
     assert "width=64 layers=2 heads=4 num_latents=16 input_dim=96" in out
     assert f"{count:,} parameters in {len(tensors)} tensors" in out
     assert "features (3, 5, 96) at timestep 999 -> (3, 16, 64) float32, finite=True" in out
+
+
+def test_a_work_directory_stands_for_its_export(uninterrupted, tmp_path, capsys):
+    """`convert info` and `to-jax` on a run's --workdir read its export (before: the run's
+    config.json was taken for a converted checkpoint's and refused)."""
+    assert main(["info", str(uninterrupted), "--tokens", "5"]) == 0
+    assert "width=64 layers=2 heads=4 num_latents=16 input_dim=96" in capsys.readouterr().out
+    assert main(["to-jax", str(uninterrupted), str(tmp_path / "jax")]) == 0
+    original = safetensors.numpy.load_file(uninterrupted / "ella.safetensors")
+    _, params = load_ella(tmp_path / "jax")
+    assert sum(p.size for p in jax.tree.leaves(params)) == sum(t.size for t in original.values())
 
 
 def test_export_of_a_folder_that_is_no_work_directory_says_so(tmp_path, capsys):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ella_jax.dpg_bench import BenchmarkError, evaluate
 from ella_jax.dpg_bench.__main__ import main
+from ella_jax.dpg_bench.questions import check_item_id, read_benchmark
 
 R = 8
 STAND_IN = f"{Path(__file__).parent / 'dpg_stand_in.py'}:answer"
@@ -243,6 +244,7 @@ def bad_vqa(tmp_path: Path) -> str:
         ("resolution", "p0.png"),
         ("another vqa", "of --vqa stand-in"),
         ("no csv", "missing.csv"),
+        ("id ../x", "dpg_bench.csv:5: id '../x' cannot be a file name"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, capsys, case, named):
@@ -251,6 +253,8 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, case, named):
         rows[5] = ("p1", 3, "9", *rows[5][3:])
     if case == "dependency text":
         rows[5] = ("p1", 3, "one", *rows[5][3:])
+    if case == "id ../x":  # p1's rows, lines 5 to 10; its grid lands beside the images folder
+        rows = [("../x", *row[1:]) if row[0] == "p1" else row for row in rows]
     path, grids = write_benchmark(tmp_path, rows)
     vqa, resolution, out = STAND_IN, R, tmp_path / "out"
     if case == "missing image":
@@ -270,6 +274,23 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, case, named):
     assert err.endswith("\n") and err.count("error: ") == 1, err
     last = err.splitlines()[-1]
     assert last.startswith("error: ") and named in last
+
+
+@pytest.mark.parametrize("mode", ["fixed", "official"])
+def test_item_ids_must_be_file_names(tmp_path, mode):
+    """One rule for the scorer and `generate --dpg-bench`: letters, digits, _ . - and no
+    leading dot; the CSV's ids are checked in both modes."""
+    for key in ("p0", "partiprompts12", "a.b-c_1", "zoë"):
+        check_item_id(key, "dpg_bench.csv:2")
+    for key in ("../x", ".hidden", "a/b", "a b", ""):
+        with pytest.raises(BenchmarkError) as error:
+            check_item_id(key, "dpg_bench.csv:2")
+        assert str(error.value) == f"dpg_bench.csv:2: id {key!r} cannot be a file name"
+    rows = [(".p1" if row[0] == "p1" else row[0], *row[1:]) for row in benchmark_rows()]
+    path, _ = write_benchmark(tmp_path, rows, images=False)
+    with pytest.raises(BenchmarkError) as error:
+        read_benchmark(path, mode)
+    assert str(error.value) == f"{path}:5: id '.p1' cannot be a file name"
 
 
 def test_skip_missing_counts_and_lists(tmp_path):

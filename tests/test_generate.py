@@ -276,15 +276,24 @@ def test_sur_adapter_renders_without_t5_or_ella(batched, tmp_path, capsys):
 
 
 def test_a_runs_export_is_sampled_as_the_run_trained(uninterrupted, tmp_path, capsys):
-    """A tiny run's export (4 heads; its config.json made to say padding masked at 16 tokens),
-    given as the file or as the work directory with no --ella-heads, --size or --token-length,
-    renders what the same command renders with the run's values; before, the defaults were
-    fixed tokens at 512 px. A flag that contradicts the run is one error line."""
+    """A tiny run's export as older versions wrote it, without the run's settings in its
+    metadata (4 heads; its config.json made to say padding masked at 16 tokens), given as the
+    file or as the work directory with no --ella-heads, --size or --token-length, renders what
+    the same command renders with the run's values; before, the defaults were fixed tokens at
+    512 px. A flag that contradicts the run is one error line."""
+    import safetensors.numpy
+
+    from ella_jax.weights.trained_run import METADATA_KEY
+
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir, ignore=shutil.ignore_patterns("checkpoints"))
     config = json.loads((workdir / "config.json").read_text())
     (workdir / "config.json").write_text(json.dumps({**config, "mask_padding": True,
                                                      "token_length": 16}))  # fmt: skip
+    with safetensors.safe_open(workdir / "ella.safetensors", framework="numpy") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        metadata = {k: v for k, v in f.metadata().items() if k != METADATA_KEY}
+    safetensors.numpy.save_file(tensors, workdir / "ella.safetensors", metadata)
     base = ["--sd", str(REFERENCE / "sd"), "--t5", str(REFERENCE / "t5"), "--steps", "2"]
     base += ["--prompt", PROMPTS[0], "--prompt", PROMPTS[2]]
     export = str(workdir / "ella.safetensors")
@@ -340,3 +349,193 @@ def test_no_torch_warning_where_torch_is_missing():
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "PyTorch was not found" not in done.stderr + done.stdout, done.stderr
+
+
+def tree(folder) -> dict:
+    """Every entry under `folder`: its bytes (files), mode and kind, by relative path."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        kind = "dir" if path.is_dir() else path.read_bytes()
+        entries[str(path.relative_to(folder))] = (kind, path.stat().st_mode)
+    return entries
+
+
+@pytest.fixture
+def run_copy(uninterrupted, tmp_path):
+    """A copy of the tiny run's work directory, with a stand-in checkpoint."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    (workdir / "checkpoints" / "12").mkdir(parents=True)
+    (workdir / "checkpoints" / "12" / "state").write_bytes(b"weights")
+    return workdir
+
+
+def test_an_output_never_touches_an_input(run_copy, tmp_path, capsys):
+    """--out on the connector's work directory, on a folder holding it, inside it or through a
+    link to it is refused before anything loads, --overwrite or not: the run stays byte for
+    byte (before, --out RUN --overwrite deleted the training run)."""
+    before = tree(tmp_path)
+    (tmp_path.parent / "alias").symlink_to(run_copy)
+    base = ["--sd", str(REFERENCE / "sd"), "--t5", str(REFERENCE / "t5"), "--prompt", "a"]
+    outs = {run_copy: "--ella", tmp_path: "--ella", run_copy / "samples": "--ella",
+            tmp_path.parent / "alias": "--ella", REFERENCE / "sd" / "x": "--sd"}  # fmt: skip
+    for out, flag in outs.items():
+        assert main([*base, "--ella", str(run_copy), "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}: overlaps {flag} "), err
+        assert err.count("\n") == 1
+    assert tree(tmp_path) == before
+
+
+def test_overwrite_replaces_only_outputs_of_this_command(tmp_path, capsys):
+    """--overwrite of a folder of other files is refused (naming one); of an earlier output,
+    reached through a link, it keeps the folder (mode 700, the link) and holds just the new
+    images; "." is the working directory."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    argv = [*MODELS, "--prompt", PROMPTS[0], "--overwrite"]
+    assert main([*argv, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {mine}: holds notes.txt") and err.count("\n") == 1
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+    target = tmp_path / "target"
+    target.mkdir()
+    target.chmod(0o700)
+    (target / "0_an-earlier-prompt.png").write_bytes(b"earlier")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main([*argv, "--out", str(link)]) == 0
+    assert link.is_symlink() and (target.stat().st_mode & 0o777) == 0o700
+    assert [p.name for p in target.iterdir()] == [NAMES[0]]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    os.chdir(empty)
+    try:
+        assert main([*MODELS, "--prompt", PROMPTS[0], "--out", "."]) == 0
+    finally:
+        os.chdir(ROOT)
+    assert [p.name for p in empty.iterdir()] == [NAMES[0]]
+    assert not [p for p in tmp_path.iterdir() if storage.is_staging(p.name)]
+
+
+def test_bad_numbers_are_refused_where_typed(tmp_path, capsys):
+    """--guidance nan once wrote an all-black PNG; every numeric flag is checked by argparse
+    (one error line naming it and the value, exit status 2), before anything loads."""
+    cases = {
+        ("--guidance", "nan"): "'nan' is not a finite number",
+        ("--guidance", "inf"): "'inf' is not a finite number",
+        ("--steps", "0"): "0 is less than 1",
+        ("--size", "-16"): "-16 is less than 1",
+        ("--batch-size", "0"): "0 is less than 1",
+        ("--limit", "two"): "'two' is not an integer",
+        ("--text-layer", "-1"): "-1 is less than 0",
+    }
+    for (flag, value), message in cases.items():
+        with pytest.raises(SystemExit) as exited:
+            main([*MODELS, "--prompt", "a", "--out", str(tmp_path / "out"), flag, value])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: argument {flag}: {message}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_files_that_are_not_utf8_are_one_error_line(tmp_path, capsys):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("a red cube\nun caf\xe9 rouge\n".encode("latin-1"))
+    binary = tmp_path / "prompts.tsv"
+    binary.write_bytes(b"A1\ta cat\n\x89PNG\r\n\x1a\n\x00\xff")
+    csv = tmp_path / "dpg_bench.csv"
+    csv.write_bytes("item_id,text\nA1,un caf\xe9\n".encode("latin-1"))
+    cases = (("--prompts-file", latin, 2), ("--dpg-bench", binary, 2), ("--dpg-bench", csv, 2))
+    for flag, path, line in cases:
+        assert main([*MODELS, flag, str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}:{line}: not UTF-8 text") and err.count("\n") == 1
+
+
+def test_ella_without_a_text_model_is_one_error_line(tmp_path, capsys):
+    argv = ["--sd", str(REFERENCE / "sd"), "--ella", str(REFERENCE / "ella.safetensors")]
+    assert main([*argv, "--mode", "clip", "--prompt", "a", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ella ") and "needs --t5" in err and err.count("\n") == 1
+
+
+def test_an_export_alone_is_sampled_as_its_run_trained(uninterrupted, tmp_path, capsys):
+    """`convert export` of a run that masked its padding at 16 tokens and sampled with 2 steps
+    at guidance 7.5, its file copied alone: generate with no flags renders what it renders
+    with the run's values spelled out (before, the file alone sampled fixed 128 tokens with 50
+    steps at 12); the settings survive to-jax; the trainer's own export carries its run's."""
+    from ella_jax.convert.__main__ import main as convert
+    from ella_jax.weights.tensors import read_safetensors_metadata
+    from ella_jax.weights.trained_run import METADATA_KEY, trained_with
+
+    trained = json.loads(
+        read_safetensors_metadata(uninterrupted / "ella.safetensors")[METADATA_KEY]
+    )
+    assert trained["token_length"] == "fixed" and trained["max_tokens"] == 128
+    assert (trained["sample_steps"], trained["sample_guidance"]) == (8, 7.5)
+    assert trained["text_model"]["model_type"] == "t5" and trained["text_model"]["d_model"] == 96
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    config.update(mask_padding=True, token_length=16, sample_steps=2)
+    (workdir / "config.json").write_text(json.dumps(config))
+    alone = tmp_path / "shared" / "ella.safetensors"
+    alone.parent.mkdir()
+    assert convert(["export", str(workdir), str(alone)]) == 0
+    assert convert(["to-jax", str(alone), str(tmp_path / "converted")]) == 0
+    assert trained_with(tmp_path / "converted").token_length == "flexible"
+
+    base = ["--sd", str(REFERENCE / "sd"), "--t5", str(REFERENCE / "t5"), "--ella", str(alone)]
+    base += ["--prompt", PROMPTS[2]]
+    explicit = ["--size", "16", "--token-length", "flexible", "--steps", "2", "--guidance", "7.5"]
+    assert main([*base, "--out", str(tmp_path / "alone")]) == 0
+    assert main([*base, *explicit, "--out", str(tmp_path / "explicit")]) == 0
+    name = f"0_{slugify(PROMPTS[2])}.png"
+    np.testing.assert_array_equal(
+        pixels(tmp_path / "alone" / name), pixels(tmp_path / "explicit" / name)
+    )
+    metadata = json.loads(Image.open(tmp_path / "alone" / name).text["ella-jax"])
+    assert (metadata["token_length"], metadata["steps"], metadata["guidance"]) == (
+        "flexible", 2, 7.5)  # fmt: skip
+    assert metadata["sur"] is None and metadata["ella"] == str(alone)
+
+
+def test_a_text_model_other_than_the_runs_is_refused_unless_forced(run_copy, tmp_path, capsys):
+    """The run trained on the tiny T5; a Llama of the same width was accepted and drew
+    nonsense. Refused in one line naming what differs; --force-text-model renders."""
+    from conftest import tiny_llm_folder
+
+    llm = tiny_llm_folder(tmp_path / "llm")
+    argv = ["--sd", str(REFERENCE / "sd"), "--t5", str(llm), "--ella", str(run_copy)]
+    argv += ["--prompt", "a", "--steps", "1"]
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {llm}: not the text model the connector was trained on")
+    assert "model_type 't5' -> 'llama'" in err and err.count("\n") == 1
+    assert main([*argv, "--force-text-model", "--out", str(tmp_path / "forced")]) == 0
+
+
+def test_ctrl_c_leaves_nothing_and_no_traceback(tmp_path):
+    """SIGINT while rendering: exit status 130, one line, no traceback, no output folder and
+    no staging folder left."""
+    import signal
+
+    from conftest import start, wait_for
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(200)))
+    command = [sys.executable, "-m", "ella_jax.generate", *MODELS, "--prompts-file",
+               str(prompts), "--batch-size", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    log = tmp_path / "log.txt"
+    process = start(command, log)
+    wait_for(process, log, lambda text: "generating" in text, timeout=240)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    text = log.read_text()
+    assert "Traceback" not in text and "interrupted" in text, text[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "prompts.txt"]

@@ -2,11 +2,14 @@
 loopback, reading WebDataset shards from a GCS bucket (fake-gcs-server) and writing into it,
 interrupted and resumed, against 1 process x 8 devices; one process killed."""
 
+import ipaddress
 import itertools
 import os
 import re
 import signal
+import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +30,34 @@ from ella_jax.train import shards
 ARGS = ["--config", "configs/tiny.py", *[f"--config.{k}={v}" for k, v in SHORT.items()]]
 
 
-def launch(workdir, log, *extra):
+def launch(workdir, log, *extra, port: int | None = None):
     launcher = [sys.executable, "-m", "train.launch", "--num_processes", "2"]
+    launcher += [] if port is None else ["--port", str(port)]
     command = [*launcher, "--devices_per_process", "4", "--", *ARGS, f"--workdir={workdir}", *extra]
     return start(command, log)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` (from /proc/net/tcp and
+    tcp6: hexadecimal addresses, each 32-bit word in the host's byte order, little-endian), an
+    IPv6 socket's IPv4-mapped address (gRPC's ::ffff:127.0.0.1) as the IPv4 one."""
+    addresses = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+                packed = bytes.fromhex(address)
+                words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+                address = ipaddress.ip_address(socket.inet_ntop(family, words))
+                addresses.add(str(getattr(address, "ipv4_mapped", None) or address))
+    return addresses
 
 
 def both_ready(text: str) -> bool:
@@ -109,9 +136,13 @@ def test_two_processes_resumed_equal_one_uninterrupted(two_processes, uninterrup
 
 
 def test_a_killed_process_stops_the_launcher(tmp_path):
-    log = tmp_path / "launch.log"
-    process = launch(tmp_path, log, "--config.total_steps=100000", "--config.sample_every=100000")
+    """Also: the launcher's coordinator listens on loopback alone (JAX's default is every
+    interface, [::])."""
+    log, port = tmp_path / "launch.log", free_port()
+    process = launch(tmp_path, log, "--config.total_steps=100000", "--config.sample_every=100000",
+                     port=port)  # fmt: skip
     text = wait_for(process, log, both_ready)
+    assert listening_addresses(port) == {"127.0.0.1"}
     os.kill(process_pid(text, 1), signal.SIGKILL)
     out = finish(process, log, timeout=120)
     assert process.returncode == 1

@@ -3,6 +3,11 @@ or not at all, globs, checkpoints, tokenizers and WebDataset shards read from a 
 that cannot be opened named in one error. (Training in buckets: test_train, test_multihost,
 test_shards.)"""
 
+import asyncio
+import socket
+import sys
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ from test_webdataset import batches, write_shards
 
 from ella_jax import load_ella, storage
 from ella_jax.text import load_tokenizer, tokenize
-from ella_jax.train import data
+from ella_jax.train import data, shards
 from ella_jax.train.trainer import ConfigError, check_config, train
 
 
@@ -71,3 +76,59 @@ def test_a_uri_that_cannot_be_opened_is_named(buckets):
         storage.path("hdfs://x/y")
     with pytest.raises(ConfigError, match=r"config\.sd='gs://.*' is not a model folder"):
         check_config(tiny_config(sd=f"{buckets('gs')}/sd"))
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_an_unreachable_endpoint_is_one_line_in_seconds(scheme, monkeypatch, tmp_path, capsys):
+    """An emulator that does not answer (a closed port; a name that never resolves): one line
+    naming the URI and the endpoint, in seconds (gcsfs and s3fs would retry for 14-84 s, gcsfs
+    printing each request's traceback)."""
+    if scheme == "gs":
+        endpoint = f"http://127.0.0.1:{closed_port()}"
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint)
+    else:
+        endpoint = "http://nonexistent.invalid"  # the .invalid top-level domain never resolves
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    uri = f"{scheme}://bucket/captions.jsonl"
+    start = time.perf_counter()
+    assert shards.main(["--path", uri, "--out", str(tmp_path), "--format", "webdataset"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {uri}: cannot reach {endpoint} (") and err.count("\n") == 1
+    with pytest.raises(storage.StorageError, match=rf"^{scheme}://bucket/run: cannot reach "):
+        train(tiny_config(), f"{scheme}://bucket/run")
+    with pytest.raises(storage.StorageError, match=rf"^{scheme}://bucket/\*\.tar: cannot reach "):
+        storage.glob(f"{scheme}://bucket/*.tar")
+    assert time.perf_counter() - start < 10
+
+
+def test_gcsfs_prints_no_traceback_of_a_request_it_gives_up(caplog):
+    """The error reaches the caller, which names it in one line."""
+    import aiohttp
+    from gcsfs.retry import retry_request
+
+    async def refused():
+        raise aiohttp.ClientError("connection refused")
+
+    with pytest.raises(aiohttp.ClientError):
+        asyncio.run(retry_request(retries=1)(refused)())
+    assert caplog.records == []
+
+
+def test_a_path_argument_without_its_client_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as exit_:
+        shards.main(["--path", "gs://bucket/x.jsonl", "--out", "out", "--format", "parquet"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        "python -m train.shards: error: argument --path: gs://bucket/x.jsonl: gs:// paths need "
+        "gcsfs: pip install 'ella-jax[cloud]'"
+    )

@@ -2,6 +2,7 @@
 config errors. Uses the fixture models and data/tiny."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -9,9 +10,12 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -21,6 +25,7 @@ from conftest import (
     SHORT,
     finish,
     param_update,
+    project_config,
     read_metrics,
     read_tensors,
     relative_error,
@@ -410,11 +415,48 @@ def test_exported_files_are_readable_by_others(uninterrupted, tmp_path):
 )
 def test_help_is_whole_and_exits_zero(module, expected):
     """--help of the absl commands exits 0 (absl's own exits 1); toyworld.evaluate's shows its
-    whole description (it stopped mid-sentence) and its defaults."""
+    whole description (it stopped mid-sentence) and its defaults; the training commands' show
+    their own flags only (`python -m train.main`: defined in `__main__`, named by its file)."""
     done = run_command([sys.executable, "-m", module, "--help"])
     assert done.returncode == 0 and expected in done.stdout, (done.stdout, done.stderr)
     if module == "toyworld.evaluate":
         assert "held-out captions (192)" in done.stdout
+    else:
+        assert_only_own_flags(done.stdout)
+
+
+def libraries_flags() -> set[str]:
+    """The absl flags that grain, orbax and array_record define on import (85 lines of help)."""
+    from absl import flags
+    from array_record.python import array_record_data_source  # noqa: F401
+
+    return {
+        flag.name
+        for module, defined in flags.FLAGS.flags_by_module_dict().items()
+        if module.split(".")[0] in ("grain", "orbax", "array_record")
+        for flag in defined
+    }
+
+
+def assert_only_own_flags(help_text: str) -> None:
+    """--help lists the command's own flags (--config ...), none of its libraries', and says
+    where the others are."""
+    assert "--config:" in help_text, help_text
+    assert libraries_flags() and not [f for f in libraries_flags() if f in help_text], help_text
+    assert help_text.rstrip().endswith("--helpfull lists every flag."), help_text[-300:]
+
+
+def test_helpfull_lists_every_flag_and_the_installed_command_its_own():
+    """The installed script (its flags' module is ella_jax.train.main, not a file name) lists
+    its own flags; --helpfull lists every module's, absl's included, and exits 0."""
+    done = run_command([str(Path(sys.executable).parent / "ella-jax-train"), "--help"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_only_own_flags(done.stdout)
+    assert "--workdir:" in done.stdout and "--coordinator_bind_address:" in done.stdout
+    full = run_command([sys.executable, "-m", "ella_jax.train.main", "--helpfull"])
+    assert full.returncode == 0, full.stderr[-2000:]
+    for flag in ("config", "workdir", "verbosity", *libraries_flags()):
+        assert flag in full.stdout, flag
 
 
 def test_precompute_command_line(precomputed):
@@ -531,16 +573,22 @@ def test_invalid_images_add_nothing_and_the_ema_follows_the_params(tiny_setup):
         np.testing.assert_allclose(ema, 0.9 * old + 0.1 * new, rtol=1e-6, atol=1e-7)
 
 
-def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(uninterrupted, tmp_path):
+def test_a_run_that_diverges_stops_naming_the_step_and_the_checkpoint(
+    uninterrupted, tmp_path, capfd
+):
     """Resumed at step 12 with a NaN learning rate: step 13 is not finite; the run stops with
-    one error naming it and the newest checkpoint, and saves nothing after it."""
+    one error naming it and the newest checkpoint, and saves nothing after it. Its progress bar
+    is closed first: the error line that follows on stderr starts a line of its own."""
     from ella_jax.train.trainer import DivergedError
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
     config = tiny_config(**{**SHORT, "total_steps": 16, "learning_rate": float("nan")})
+    capfd.readouterr()
     with pytest.raises(DivergedError) as error:
         train(config, workdir)
+    err = capfd.readouterr().err
+    assert "train:" in err and err.endswith("\n"), err[-500:]
     assert str(error.value).startswith("the loss, gradient or update is not finite at step 13")
     assert f"newest checkpoint is step 12 ({workdir / 'checkpoints' / '12'})" in str(error.value)
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 12]
@@ -598,9 +646,100 @@ def test_unreadable_images_stop_the_run(tmp_path):
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     config = tiny_config()
     config.data.path = str(tmp_path / "captions.jsonl")  # beside no image
-    message = r"no image of the first batch could be read .* e.g. .*images/\d+.png \(FileNotF"
+    message = r"none of its first 8 records could be read; e.g. .*images/\d+.png \(FileNotF"
     with pytest.raises(DataError, match=message + r".*check data.path and data.source"):
         train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def corrupt_folder(folder: Path) -> Path:
+    """A `folder` data source of three captioned images that are not images."""
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index}.png").write_bytes(b"not a png")
+        (folder / f"{index}.txt").write_text("a red square")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["misspelled source", "corrupt images"])
+def test_bad_data_is_named_before_any_model_loads_and_nothing_is_written(
+    case, tmp_path, monkeypatch, capsys
+):
+    """A misspelled data.source, and a folder of corrupt images: train.main's one error line
+    and exit status 2, before the frozen models load; a new work directory is not made, an
+    empty one stays empty (no config.json, ella_config.json or checkpoints/)."""
+    from ella_jax.train import cli, trainer
+
+    def unexpected(*args, **kwargs):
+        pytest.fail("a frozen model was loaded")
+
+    monkeypatch.setattr(trainer, "load_unet", unexpected)
+    monkeypatch.setattr(trainer, "load_vae", unexpected)
+    config, workdir = tiny_config(), tmp_path / "run"
+    if case == "misspelled source":
+        config.data.source = "manfest"
+        expected = "error: data.source='manfest': use 'manifest', 'folder'"
+    else:
+        folder = corrupt_folder(tmp_path / "images")
+        config.data.update(source="folder", path=str(folder))
+        workdir.mkdir()
+        expected = (
+            f"error: config.data.path={str(folder)!r} (data.source='folder'): none of its "
+            f"first 3 records could be read; e.g. {folder / '0.png'} (UnidentifiedImageError"
+        )
+    status = cli.run_command(["train.main"], SimpleNamespace(value=config),
+                             lambda config: train(config, workdir))  # fmt: skip
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith(expected), errors
+    if case == "misspelled source":
+        assert not workdir.exists()
+    else:
+        assert list(workdir.iterdir()) == []
+
+
+def test_the_step_clock_counts_from_completion_to_completion():
+    """Five chained steps of 0.2 s of device work each are at least 1 s on the clock, though
+    their dispatch returns at once (measured: 0.1 ms for the five, what a clock read at
+    dispatch reported). XLA:CPU runs a program with a host callback at its dispatch when its
+    inputs are ready, so each step's input first goes through a program without one, which is
+    queued."""
+    from ella_jax.train.trainer import _StepClock
+
+    @jax.jit
+    def relay(x):  # over the 1000 FLOPs under which XLA:CPU runs a program at dispatch too
+        return x + 1e-9 * (x @ x)
+
+    def sleep(x):
+        time.sleep(0.2)
+        return x
+
+    @jax.jit
+    def slow_step(x):
+        x = jax.pure_callback(sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1
+        return x, {"loss": x.sum()}
+
+    state = jnp.zeros((16, 16))
+    jax.block_until_ready(slow_step(relay(state)))  # compiled
+    state = relay(state)
+    clock = _StepClock(state, step=3)
+    for _ in range(5):
+        state, metrics = slow_step(relay(state))
+    seconds, steps = clock.lap(metrics, step=8)
+    assert steps == 5 and seconds >= 5 * 0.2
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
+def test_the_configs_read_ahead_without_a_grain_warning(name, caplog):
+    """grain warns when its read-ahead (batches here: an element of the dataset is a batch)
+    is smaller than its threads, which then idle; the configs' defaults do not."""
+    from ella_jax.train.trainer import read_options
+
+    config = project_config(name)
+    with caplog.at_level(logging.WARNING):
+        options = read_options(config.data)
+    assert not [r.getMessage() for r in caplog.records if "num_threads" in r.getMessage()]
+    assert options.prefetch_buffer_size == config.data.prefetch_batches
+    assert 0 < options.num_threads <= options.prefetch_buffer_size
 
 
 def test_too_many_skipped_images_over_a_logging_interval_stop_the_run(tmp_path):

@@ -13,7 +13,8 @@ from conftest import ROOT
 from test_data import fake_tokenize
 
 from ella_jax.train import data
-from ella_jax.train.webdataset import INDEX_SUFFIX, WebDatasetSource
+from ella_jax.train.shards import write_webdataset
+from ella_jax.train.webdataset import INDEX_SUFFIX, WebDatasetSource, build_index
 
 TINY = ROOT / "data" / "tiny"
 
@@ -128,3 +129,40 @@ def test_several_captions_are_drawn_per_example_and_step(tmp_path):
         data.make_dataset(source, prepare, 8, 0.0, 0, caption_weights=(0, 0))
     with pytest.raises(ValueError, match=r"data\.captions: 'caption' is neither"):
         data.open_source("webdataset", str(tmp_path), ("caption",))
+
+
+@pytest.mark.parametrize(
+    "cut, kept",
+    [
+        ("inside the 21st member's header", 7),  # 6 examples of 3 members, and 2 of the 7th's
+        ("at the 31st member, without the end blocks", 10),
+        ("inside the 51st member's data", 17),
+        ("not at all", 40),
+    ],
+)
+def test_a_shard_cut_short_is_reported_with_the_examples_kept(tmp_path, capsys, cut, kept):
+    """Python's tarfile stops without a word at a cut header or a missing end-of-archive
+    marker: every cut is said, with the examples kept; an intact shard is not."""
+    records = [{"image": b"image %d " % i * 50, "caption": f"caption {i}"} for i in range(40)]
+    (whole,) = write_webdataset(records, str(tmp_path / "whole"), per_shard=40)
+    with tarfile.open(whole) as archive:
+        members = archive.getmembers()
+    assert len(members) == 120  # KEY.jpg, KEY.txt, KEY.json
+    end = {
+        "inside the 21st member's header": members[20].offset + 100,
+        "at the 31st member, without the end blocks": members[30].offset,
+        "inside the 51st member's data": members[50].offset_data + 10,
+        "not at all": None,
+    }[cut]
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(Path(whole).read_bytes()[:end])
+    capsys.readouterr()  # the writer's progress bar
+    index = build_index(shard)
+    assert len(index) == kept
+    err = capsys.readouterr().err
+    if end is None:
+        assert err == ""
+    else:
+        assert err.startswith(f"warning: {shard}: cut short after {kept} examples (") and (
+            err.count("\n") == 1
+        ), err

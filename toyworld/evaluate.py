@@ -44,7 +44,7 @@ import numpy as np
 from etils import epath
 
 from ella_jax import dpg_bench, generate, storage
-from ella_jax.cli import error_exit
+from ella_jax.cli import error_exit, finite_float, natural_int, positive_int
 from ella_jax.images import grid, save_png, to_uint8
 from ella_jax.pipeline import ELLAPipeline
 from ella_jax.storage import atomic_path
@@ -283,27 +283,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--models",
-        type=storage.path,
+        type=storage.path_argument,
         default=REPOSITORY_MODELS,
         help="toyworld.pretrain's --out (default: this repository's models/toy, wherever the "
         "command runs)",
     )
     parser.add_argument(
-        "--workdir", type=storage.path, required=True, help="train.main --workdir (or a URI)"
-    )
-    parser.add_argument("--count", type=int, default=192, help="held-out captions (%(default)s)")
-    parser.add_argument(
-        "--seed", type=int, default=1, help="seed of the held-out scenes (%(default)s)"
-    )
-    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (%(default)s)")
-    parser.add_argument(
-        "--guidance", type=float, default=3.0, help="classifier-free guidance (%(default)s)"
+        "--workdir",
+        type=storage.path_argument,
+        required=True,
+        help="train.main --workdir (or a URI)",
     )
     parser.add_argument(
-        "--grid", type=int, default=12, help="captions shown in samples.png (%(default)s)"
+        "--count", type=positive_int, default=192, help="held-out captions (%(default)s)"
     )
     parser.add_argument(
-        "--dpg-count", type=int, default=64, help="toy DPG-Bench prompts (0: none; %(default)s)"
+        "--seed", type=natural_int, default=1, help="seed of the held-out scenes (%(default)s)"
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=20, help="DPM-Solver++ steps (%(default)s)"
+    )
+    parser.add_argument(
+        "--guidance", type=finite_float, default=3.0, help="classifier-free guidance (%(default)s)"
+    )
+    parser.add_argument(
+        "--grid", type=positive_int, default=12, help="captions shown in samples.png (%(default)s)"
+    )
+    parser.add_argument(
+        "--dpg-count",
+        type=natural_int,
+        default=64,
+        help="toy DPG-Bench prompts (0: none; %(default)s)",
     )
     parser.add_argument(
         "--token-length",

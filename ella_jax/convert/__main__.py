@@ -23,7 +23,13 @@ from ella_jax.weights.ella import (
 )
 from ella_jax.weights.naming import check_tensors, params_from_torch
 from ella_jax.weights.tensors import CheckpointError, read_json
-from ella_jax.weights.trained_run import RUN_CONFIG_FILE, run_config
+from ella_jax.weights.trained_run import (
+    RUN_CONFIG_FILE,
+    checkpoint_in,
+    export_metadata,
+    run_config,
+    trained_with,
+)
 
 DESCRIPTION = """\
 Convert ELLA connector and SUR-adapter checkpoints between the official PyTorch layouts and
@@ -59,16 +65,24 @@ HEADS_HELP = (
 )
 
 
+def _run_metadata(checkpoint) -> dict[str, str] | None:
+    """The settings of the run that trained `checkpoint`, to be carried into its conversion."""
+    trained = trained_with(checkpoint)
+    return None if trained is None else trained.metadata()
+
+
 def _to_jax(args: argparse.Namespace) -> str:
-    config, params = read_ella(args.src, heads=args.heads)
+    source = checkpoint_in(args.src)
+    config, params = read_ella(source, heads=args.heads)
     with atomic_path(args.dst, overwrite=args.overwrite) as staging:
-        write_converted(staging, config, params)
+        write_converted(staging, config, params, _run_metadata(source))
     return f"wrote {args.dst} ({config})"
 
 
 def _to_torch(args: argparse.Namespace) -> str:
-    config, params = read_ella(args.src)
-    write_official(args.dst, params, overwrite=args.overwrite, config=config)
+    source = checkpoint_in(args.src)
+    config, params = read_ella(source)
+    write_official(args.dst, params, None, args.overwrite, config, _run_metadata(source))
     return f"wrote {args.dst} ({config})"
 
 
@@ -96,12 +110,13 @@ def _export(args: argparse.Namespace) -> str:
     config = read_json(workdir / "ella_config.json")
     check_config(config, str(workdir / "ella_config.json"))
     params = _trained_params(args, workdir, lambda _: abstract_params(ELLA(**config)))
-    write_official(args.dst, params, args.dtype, overwrite=args.overwrite, config=config)
+    metadata = export_metadata(run_config(workdir))
+    write_official(args.dst, params, args.dtype, args.overwrite, config, metadata)
     return f"wrote {args.dst} ({args.weights} weights, {config})"
 
 
 def _sur_to_jax(args: argparse.Namespace) -> str:
-    config, params = sur.read_sur_adapter(args.src)
+    config, params = sur.read_sur_adapter(checkpoint_in(args.src, "sur"))
     with atomic_path(args.dst, overwrite=args.overwrite) as staging:
         sur.write_converted(staging, config, params)
     return f"wrote {args.dst} ({config})"
@@ -155,7 +170,7 @@ def _info(args: argparse.Namespace) -> str:
     import jax
     import jax.numpy as jnp
 
-    model, params = load_ella(args.path, heads=args.heads)
+    model, params = load_ella(checkpoint_in(args.path), heads=args.heads)
     leaves = jax.tree.leaves(params)
     features = jnp.zeros((args.batch, args.tokens, model.input_dim), jnp.float32)
     forward = jax.jit(model.apply)
@@ -182,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     to_jax = commands.add_parser("to-jax", help="official .safetensors -> ella-jax directory")
-    to_jax.add_argument("src", help="official-layout ELLA .safetensors file")
+    to_jax.add_argument(
+        "src", help="official-layout ELLA .safetensors file, or a training run's --workdir"
+    )
     to_jax.add_argument("dst", help="directory to create")
     to_jax.add_argument("--heads", type=int, default=None, help=HEADS_HELP)
     to_jax.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -214,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sur-to-jax", help="official SUR-adapter .safetensors -> ella-jax directory"
     )
     sur_to_jax.add_argument(
-        "src", help="official SUR-adapter .safetensors (sur_config.json beside)"
+        "src",
+        help="official SUR-adapter .safetensors (sur_config.json beside), or a SUR run's --workdir",
     )
     sur_to_jax.add_argument("dst", help="directory to create")
     sur_to_jax.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -244,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     sur_from_pt.set_defaults(run=_sur_from_pt)
 
     info = commands.add_parser("info", help="describe a checkpoint and run it once")
-    info.add_argument("path", help="official .safetensors file or converted directory")
+    info.add_argument(
+        "path",
+        help="official .safetensors file, converted directory, or a training run's --workdir",
+    )
     info.add_argument("--heads", type=int, default=None, help=HEADS_HELP)
     info.add_argument("--batch", type=int, default=2, help="batch of the test forward pass")
     info.add_argument("--tokens", type=int, default=128, help="T5 tokens of the test forward")

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ella_jax.cli import error_exit
+from ella_jax.cli import error_exit, positive_int
 from ella_jax.dpg_bench.evaluate import VQA, evaluate
 from ella_jax.dpg_bench.questions import BenchmarkError
 from ella_jax.plugin import PluginError, load_function
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--images", type=Path, required=True, metavar="DIR", help="folder of 2x2 grids"
         )
         sub.add_argument(
-            "--resolution", type=int, required=True, metavar="R", help="side of one tile"
+            "--resolution", type=positive_int, required=True, metavar="R", help="side of one tile"
         )
         sub.add_argument(
             "--pic-num",
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument(
                 "--batch-size",
-                type=int,
+                type=positive_int,
                 default=16,
                 metavar="N",
                 help="(tile, question) pairs per VQA call (default: 16)",
@@ -124,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if args.resolution < 1 or getattr(args, "batch_size", 1) < 1:
-        return error_exit(ValueError("--resolution and --batch-size must be positive"))
     try:
         vqa, vqa_name = load_vqa(args.vqa) if args.command == "score" else (None, None)
         summary = evaluate(

@@ -9,6 +9,7 @@ prompt consecutive. `dependency` lists the parent `proposition_id`s of a questio
 import collections
 import csv
 import os
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,13 @@ class Prompt:
     questions: tuple[Question, ...]
 
 
+def check_item_id(key: str, where: str) -> None:
+    """Refuses (a BenchmarkError at `where`) an id that cannot be a file name of its own: images
+    are named after ids (`<id>.png`), so "../x" would be read or written outside their folder."""
+    if not re.fullmatch(r"[\w.-]+", key) or key.startswith("."):
+        raise BenchmarkError(f"{where}: id {key!r} cannot be a file name")
+
+
 def l2_of(tuple_text: str) -> str:
     """The L2 category of a `tuple` cell, as the official script forms it: "entity - whole"."""
     return tuple_text.split("(")[0].strip()
@@ -72,7 +80,7 @@ def _rows(path: os.PathLike) -> list[tuple[int, dict[str, str]]]:
     file = storage.reachable(path)
     if not file.is_file():
         raise BenchmarkError(f"{path}: no such DPG-Bench CSV")
-    lines = file.read_text(encoding="utf-8-sig").splitlines()
+    lines = storage.read_text(file, encoding="utf-8-sig").splitlines()
     reader = csv.DictReader(lines)
     missing = [c for c in NEEDED if c not in (reader.fieldnames or ())]
     if missing:
@@ -114,7 +122,8 @@ def read_benchmark(path: str | os.PathLike, mode: Mode = "fixed") -> list[Prompt
     official: as the official script builds its questions: the first data row dropped (its
     issue #61), a prompt's later rows replacing earlier ones of the same proposition id or the
     whole prompt when its rows are not consecutive; parents are not checked (a missing one
-    fails that image while it is scored). Item ids are text in both modes.
+    fails that image while it is scored). Item ids are text in both modes, each a file name
+    (`check_item_id`).
     """
     rows = _rows(path)
     if mode == "official":
@@ -124,6 +133,7 @@ def read_benchmark(path: str | os.PathLike, mode: Mode = "fixed") -> list[Prompt
     previous = None
     for number, row in rows:
         item_id = row["item_id"].strip()
+        check_item_id(item_id, f"{path}:{number}")
         question = _question(path, number, row)
         if item_id != previous:
             if item_id in grouped and mode == "fixed":

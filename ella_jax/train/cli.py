@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from ella_jax.weights.tensors import CheckpointError
 
-HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+HELP_FLAGS = ("-h", "--help", "--helpshort", "-?")  # the command's own flags; --helpfull: all
 
 
 def dashed_flags(argv: list[str]) -> list[str]:
@@ -37,13 +37,21 @@ def flags_parser(usage: str) -> Callable[[list[str]], list[str]]:
 def parse_flags(argv: list[str], usage: str = "") -> list[str]:
     """absl's parsing, with a bad override (an unknown key, a value of the wrong type) as one
     line instead of a traceback, flags spelled with dashes or underscores, and --help printing
-    `usage` and the command's flags with exit status 0 (absl's exits 1)."""
+    `usage` and the command's own flags, --helpfull every module's, with exit status 0 (absl's
+    exits 1)."""
     argv = dashed_flags(argv)
+    if "--helpfull" in argv[1:]:
+        print(usage.strip() + "\n\nflags (--name or --name-with-dashes), by module:")
+        print(flags.FLAGS.get_help().strip("\n"))
+        sys.exit(0)
     if any(arg in HELP_FLAGS for arg in argv[1:]):
+        # The command's module defines --config (each command here has one); it is named
+        # `ella_jax.train.main` installed, and by its file under `python -m`. The libraries'
+        # flags (grain, orbax, array_record: 85 lines) are left to --helpfull.
+        module = flags.FLAGS.find_module_defining_flag("config")
         print(usage.strip() + "\n\nflags (--name or --name-with-dashes):")
-        for module in flags.FLAGS.flags_by_module_dict():
-            if not module.startswith("absl"):
-                print(flags.FLAGS.module_help(module).split("\n", 1)[-1])
+        print(flags.FLAGS.module_help(module).strip().split("\n", 1)[-1])  # without its name
+        print("\n--helpfull lists every flag.")
         sys.exit(0)
     try:
         return flags.FLAGS(argv)
@@ -84,12 +92,17 @@ def run_command(
 
 
 def initialize_distributed(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    coordinator_bind_address: str | None = None,
 ) -> None:
     """Joins the processes of a multi-process run. With no arguments, JAX reads the cluster
     environment where it recognises one (TPU pods, SLURM, Open MPI, Kubernetes); where it
     recognises none, this is a single-process run. A join that fails is a ValueError naming
-    the cluster: each process would otherwise train alone into the same work directory."""
+    the cluster: each process would otherwise train alone into the same work directory.
+    `coordinator_bind_address` (HOST:PORT) is where process 0's coordinator listens; None:
+    JAX's default, every interface on the coordinator's port (other hosts must reach it)."""
     import jax
 
     # CPU collectives between processes (tests, development); GPUs and TPUs have their own.
@@ -99,9 +112,14 @@ def initialize_distributed(
     cluster = None if explicit else detected_cluster()
     try:
         if explicit:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            jax.distributed.initialize(
+                coordinator_address,
+                num_processes,
+                process_id,
+                coordinator_bind_address=coordinator_bind_address,
+            )
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(coordinator_bind_address=coordinator_bind_address)
     except ValueError as e:
         if explicit or cluster is not None:
             raise ValueError(_join_failed(given if explicit else None, cluster, e)) from None

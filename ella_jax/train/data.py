@@ -42,7 +42,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
     the complex caption of a SUR-adapter example, where the line has one)."""
     path = storage.path(path)
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -65,7 +65,7 @@ def read_folder(path: str | os.PathLike) -> list[dict[str, str]]:
     files = set(storage.glob(f"{str(path).rstrip('/')}/**/*"))
     images = [f for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
     records = [
-        {"image": image, "caption": storage.path(caption).read_text().strip()}
+        {"image": image, "caption": storage.read_text(caption).strip()}
         for image in images
         if (caption := os.path.splitext(image)[0] + ".txt") in files
     ]

@@ -29,7 +29,7 @@ from ella_jax.weights.ella import (
 )
 from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.text_model import folder_width
-from ella_jax.weights.trained_run import EXPORTS
+from ella_jax.weights.trained_run import EXPORTS, export_metadata
 
 
 class ELLARun:
@@ -218,7 +218,9 @@ class ELLARun:
         return conditioning
 
     def export(self, workdir: epath.Path, params: Any) -> str:
-        """Writes the official-layout ELLA (and its config in the file's metadata)."""
+        """Writes the official-layout ELLA (its config and the run's sampling settings in the
+        file's metadata)."""
         path = workdir / self.export_name
-        write_official(path, params, self.config.export_dtype, True, self.model_config)
+        metadata = export_metadata(self.config.to_dict())
+        write_official(path, params, self.config.export_dtype, True, self.model_config, metadata)
         return f"wrote {path} and {workdir / SIDECAR_FILE}"

@@ -1,10 +1,11 @@
 """python -m train.launch --num-processes 2 --devices-per-process 4 -- <train.main arguments>
 
 Runs a multi-process training on this machine, for development and tests: N processes of
-`train.main`, each with its own CPU devices, joined through a coordinator on loopback. Their
-output is forwarded line by line behind a "[i] " prefix; SIGTERM and SIGINT are passed on to all
-of them (each saves a checkpoint and exits); if one fails or dies, the others are stopped and the
-launcher exits with status 1, naming the process.
+`train.main`, each with its own CPU devices, joined through a coordinator that listens on
+loopback only (127.0.0.1, not the machine's other interfaces). Their output is forwarded line
+by line behind a "[i] " prefix; SIGTERM and SIGINT are passed on to all of them (each saves a
+checkpoint and exits); if one fails or dies, the others are stopped and the launcher exits with
+status 1, naming the process.
 """
 
 import argparse
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "ella_jax.train.main",
             *train_args,
             f"--coordinator-address=127.0.0.1:{port}",
+            f"--coordinator-bind-address=127.0.0.1:{port}",
             f"--num-processes={args.num_processes}",
             f"--process-id={index}",
         ]

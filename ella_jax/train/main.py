@@ -8,9 +8,10 @@ Rerunning the same command resumes from the newest checkpoint in DIR/checkpoints
 SIGINT saves a checkpoint and exits 0.
 
 Several processes (hosts): pass --coordinator-address, --num-processes and --process-id to each,
-or nothing where JAX reads them from the cluster (TPU pods, SLURM, Open MPI); on one machine,
-`python -m train.launch` starts them. Each process reads its slice of every global batch; logs,
-samples and the export are written by process 0.
+or nothing where JAX reads them from the cluster (TPU pods, SLURM, Open MPI); process 0's
+coordinator listens on every interface unless --coordinator-bind-address says where. On one
+machine, `python -m train.launch` starts them (on loopback). Each process reads its slice of
+every global batch; logs, samples and the export are written by process 0.
 """
 
 from absl import app, flags
@@ -28,12 +29,21 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_BIND_ADDRESS = flags.DEFINE_string(
+    "coordinator_bind_address",
+    None,
+    "HOST:PORT where process 0's coordinator listens (default: every interface, on the port "
+    "of --coordinator-address, which other hosts must reach; 127.0.0.1:PORT when all the "
+    "processes run on this machine).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> int:
     def command(config: ConfigDict) -> None:
-        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _BIND_ADDRESS.value
+        )
         train(config, _WORKDIR.value)
 
     return run_command(argv, _CONFIG, command)

@@ -14,11 +14,22 @@ import bisect
 import functools
 import os
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from ella_jax import storage
 
 ROW_GROUPS_KEPT = 4  # row groups kept in memory
+
+
+def import_pyarrow(needed_by: str) -> ModuleType:
+    """pyarrow.parquet; without pyarrow, a ValueError saying that `needed_by` (a flag, a config
+    key) needs the `parquet` extra."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise ValueError(f"{needed_by} needs pyarrow: pip install 'ella-jax[parquet]'") from None
+    return pyarrow.parquet
 
 
 class ParquetSource:
@@ -31,13 +42,7 @@ class ParquetSource:
         image_column: str = "jpg",
         caption_columns: Sequence[str] = ("caption",),
     ):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(
-                "data.source='parquet' needs pyarrow: pip install 'ella-jax[parquet]'"
-            ) from None
-
+        pq = import_pyarrow("data.source='parquet'")
         self.files = [str(f) for f in files]
         self.columns = [image_column, *caption_columns]
         self.image_column, self.caption_columns = image_column, tuple(caption_columns)

@@ -1,5 +1,5 @@
-"""The training loop: config checks, mesh, frozen models, sharded state, data, resume, compile,
-loop, export; each a short section, in that order."""
+"""The training loop: config checks, mesh, data source, frozen models, sharded state, data,
+resume, the run's files, compile, loop, export; each a short section, in that order."""
 
 import contextlib
 import json
@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -143,11 +143,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopFlag") -> None:
     check_config(config)
     check_resume(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # Nothing is written into `workdir` until the first batch is read: a run that cannot start
+    # leaves a new work directory unmade.
 
     # ---------------------------------------------------------------------------------- Mesh
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     primary = jax.process_index() == 0  # writes logs, samples and the export
+
+    # ------------------------------------------------------- Data source: before the models
+    source = None
+    if config.data.source == "webdataset" and jax.process_count() > 1:
+        # Process 0 indexes the shards that have no cached index yet; the others then read the
+        # cached indexes instead of each reading every shard's headers.
+        if primary:
+            source = data.open_configured(config.data)
+        _barrier("webdataset indexes")
+    if source is None:
+        source = data.open_configured(config.data)
+    check_readable(config, source)
 
     # ------------------------------------------------------------------------ Frozen models
     method = method_of(config)
@@ -177,25 +190,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     def initial_state():
         return init_state(method.init_params(), optimizer, config.seed)
 
-    if primary:  # lets `python -m convert` read any checkpoint, and readers see the run
-        method.write_run_files(workdir)
-        (workdir / RUN_CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
     abstract_state = jax.eval_shape(initial_state)
     state_shardings = param_shardings(abstract_state, mesh)
 
     # -------------------------------------------------------------------------------- Data
     skipped_images = data.Skipped()  # this process's unreadable images
-    prepare = method.prepare(skipped_images)
-    source = None
-    if config.data.source == "webdataset" and jax.process_count() > 1:
-        # Process 0 indexes the shards that have no cached index yet; the others then read the
-        # cached indexes instead of each reading every shard's headers.
-        if primary:
-            source = data.open_configured(config.data)
-        _barrier("webdataset indexes")
     dataset = data.make_dataset(
-        source if source is not None else data.open_configured(config.data),
-        prepare,
+        source,
+        method.prepare(skipped_images),
         config.batch_size,
         config.data.caption_dropout,
         config.seed,
@@ -203,24 +205,36 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         jax.process_count(),
         **data.dataset_options(config.data),
     )
-    # A short read-ahead: grain's default of 500 batches would hold hundreds of GiB of decoded
-    # images at the paper's batch size, and its threads would take the cores from the compile.
-    read = grain.ReadOptions(
-        num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch_batches
-    )
-    iterator = iter(dataset.to_iter_dataset(read))
+    iterator = iter(dataset.to_iter_dataset(read_options(config.data)))
 
     # ------------------------------------------------------------------------------ Resume
-    manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
     abstract_with_layout = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
         state_shardings,
     )
-    state = checkpoint.restore_latest(manager, abstract_with_layout, iterator, _any_process)
+    checkpoints, manager, state = workdir / "checkpoints", None, None
+    # Asked together (a collective), before any process can have made the folder of a new run.
+    if _any_process(checkpoints.is_dir()):
+        manager = checkpoint.make_manager(checkpoints, config.keep_checkpoints)
+        state = checkpoint.restore_latest(manager, abstract_with_layout, iterator, _any_process)
     if state is None:
         state = jax.jit(initial_state, out_shardings=state_shardings)()
     start = int(state.step)
+    first = next(iterator)
+    if not _any_process(bool(np.any(first["valid"])), after=state):
+        raise DataError(
+            f"no image of the first batch could be read ({skipped_images.count} unreadable "
+            f"so far on this process); {skipped_images.describe()}"
+        )
+
+    # ------------------------------------------------- The run's files, now that it can start
+    workdir.mkdir(parents=True, exist_ok=True)
+    if primary:  # lets `python -m convert` read any checkpoint, and readers see the run
+        method.write_run_files(workdir)
+        (workdir / RUN_CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
+    if manager is None:
+        manager = checkpoint.make_manager(checkpoints, config.keep_checkpoints)
     writer = MetricsWriter(workdir, resume_step=start) if primary else None
 
     # ----------------------------------------------------------------------------- Compile
@@ -237,12 +251,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     conditioner = method.conditioner(models)
     remat = models._replace(unet=unet.clone(remat=config.remat == "blocks"))
     train_step = make_train_step(remat, optimizer, acp, step_config, conditioner)
-    first = next(iterator)
-    if not _any_process(bool(np.any(first["valid"])), after=state):
-        raise DataError(
-            f"no image of the first batch could be read ({skipped_images.count} unreadable "
-            f"so far on this process); {skipped_images.describe()}"
-        )
     batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), first)
     abstract_batch = jax.tree.map(_global_shape(config.batch_size), first)
     lowered = jax.jit(
@@ -273,55 +281,61 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     checks = _StepChecks(
         manager, config.batch_size, config.data.max_skipped_fraction, skipped_images
     )
-    clock, clock_step = time.perf_counter(), start
-    bar = tqdm(
+    clock = _StepClock(state, start)
+    # Closed however the loop ends: an error printed after it starts a line of its own.
+    with tqdm(
         total=config.total_steps,
         initial=start,
         desc="train",
         unit="step",
         dynamic_ncols=True,
         disable=not primary,
-    )
-    for step in range(start + 1, config.total_steps + 1):
-        global_batch = jax.tree.map(
-            lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
-        )
-        state, metrics = compiled(state, frozen, global_batch)
-        checks.add(step, metrics)
-        if pending is not None:  # fetch the previous logged step while this one runs
-            checks.check(pending[0], logged=True)
-            _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
-            pending = None
-        logged = step % config.log_every == 0 or step == config.total_steps
-        if logged:
-            now = time.perf_counter()
-            pending = (step, metrics, now - clock, step - clock_step)
-            clock, clock_step = now, step
-        if logged or jax.process_count() == 1:
-            # Across processes a blocking collective, which would keep the host from queueing
-            # steps ahead: asked at logged steps only, the same steps on every process.
-            stopping = _any_process(stop.requested, after=state)
-        if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
-            checks.check(step, logged=False)  # the save would wait for the step too
-            checkpoint.save(manager, step, state, iterator)
-        if step % config.sample_every == 0:
-            images = sampler(state.ema_params)
-            if primary:
-                prompts = {"step": step, "prompts": list(config.sample_prompts),
-                           "cells": "row-major, a prompt a cell, EMA weights"}  # fmt: skip
-                save_png(grid(images, gap=2), workdir / "samples" / f"step_{step:07d}.png",
-                         {"ella-jax": json.dumps(prompts)})  # fmt: skip
-        bar.update(1)
-        if stopping:
-            break
-        if step < config.total_steps:
-            batch = next(iterator)
-    if pending is not None:
-        checks.check(pending[0], logged=True)
-        _log(writer, bar, *pending, learning_rate, throughput, checks.total_skipped)
-    checks.check(config.total_steps, logged=False)
-    manager.wait_until_finished()
-    bar.close()
+    ) as bar:
+
+        def log(step: int, metrics: dict) -> None:  # waits for the step
+            checks.check(step, logged=True)
+            seconds, steps = clock.lap(metrics, step)
+            total_skipped = checks.total_skipped
+            _log(
+                writer, bar, step, metrics, seconds, steps, learning_rate, throughput, total_skipped
+            )
+
+        for step in range(start + 1, config.total_steps + 1):
+            global_batch = jax.tree.map(
+                lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
+            )
+            state, metrics = compiled(state, frozen, global_batch)
+            checks.add(step, metrics)
+            if pending is not None:  # fetch the previous logged step while this one runs
+                log(*pending)
+                pending = None
+            logged = step % config.log_every == 0 or step == config.total_steps
+            if logged:
+                pending = (step, metrics)
+            if logged or jax.process_count() == 1:
+                # Across processes a blocking collective, which would keep the host from
+                # queueing steps ahead: asked at logged steps only, the same steps on every
+                # process.
+                stopping = _any_process(stop.requested, after=state)
+            if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+                checks.check(step, logged=False)  # the save would wait for the step too
+                checkpoint.save(manager, step, state, iterator)
+            if step % config.sample_every == 0:
+                images = sampler(state.ema_params)
+                if primary:
+                    prompts = {"step": step, "prompts": list(config.sample_prompts),
+                               "cells": "row-major, a prompt a cell, EMA weights"}  # fmt: skip
+                    save_png(grid(images, gap=2), workdir / "samples" / f"step_{step:07d}.png",
+                             {"ella-jax": json.dumps(prompts)})  # fmt: skip
+            bar.update(1)
+            if stopping:
+                break
+            if step < config.total_steps:
+                batch = next(iterator)
+        if pending is not None:
+            log(*pending)
+        checks.check(config.total_steps, logged=False)
+        manager.wait_until_finished()
     if writer is not None:
         writer.close()
 
@@ -332,6 +346,58 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     ema_params = _to_host(state.ema_params)
     if primary:
         print(method.export(workdir, ema_params))
+
+
+def check_readable(config: ml_collections.ConfigDict, source: Any) -> None:
+    """Reads the records of `source` (the configured one) in order until one gives an example,
+    the same records on every process, so that a source of the wrong kind (a ValueError) or of
+    no readable image among the first batch's worth (a DataError naming it) stops the run
+    before any model loads."""
+    where = f"config.data.path={config.data.path!r} (data.source={config.data.source!r})"
+    if not len(source):
+        raise DataError(f"{where} holds no records")
+    if config.data.source == "precomputed":  # its records are all readable: their kind is checked
+        data.precomputed_examples({})(source[0], drop_caption=False)
+        return
+    skipped = data.Skipped()
+    tries = min(len(source), config.batch_size)
+    for index in range(tries):
+        if data.decode(source[index], config.data.resolution, skipped)["valid"]:
+            return
+    raise DataError(
+        f"{where}: none of its first {tries} records could be read; {skipped.describe()}"
+    )
+
+
+def read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
+    """How grain reads ahead: `prefetch_batches` batches (an element of the dataset is a
+    batch), decoded by `read_threads` threads, one batch each (more threads than batches would
+    idle: grain warns). A short read-ahead: grain's default of 500 would hold hundreds of GiB
+    of decoded images at the paper's batch size, and its threads would take the cores from
+    the compile."""
+    return grain.ReadOptions(
+        num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_batches
+    )
+
+
+class _StepClock:
+    """The seconds between the ends of two steps. A step ends when its outputs are ready,
+    which the host learns by waiting for them: its dispatch returns at once, the host queueing
+    steps ahead of the devices (a clock read at dispatch counts queued steps as done)."""
+
+    def __init__(self, ready, step: int):
+        """Starts at `step` once the arrays `ready` are (the state it starts from)."""
+        jax.block_until_ready(ready)
+        self.time, self.step = time.perf_counter(), step
+
+    def lap(self, outputs, step: int) -> tuple[float, int]:
+        """(seconds, steps) from the last lap (or the start) to the end of `step`, whose
+        `outputs` are waited for."""
+        jax.block_until_ready(outputs)
+        now = time.perf_counter()
+        seconds, steps = now - self.time, step - self.step
+        self.time, self.step = now, step
+        return seconds, steps
 
 
 def _global_shape(global_batch: int):

@@ -23,7 +23,7 @@ import sys
 import tarfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -45,8 +45,8 @@ def _split(name: str) -> tuple[str, str]:
 
 def build_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """[(key, {extension: (offset, size)})] of a tar shard, in the shard's order. A shard cut
-    short keeps the examples before the cut (said on stderr); a file that is not a tar is a
-    ValueError."""
+    short (inside a member or a header, or without its end-of-archive marker) keeps the examples
+    before the cut (said on stderr); a file that is not a tar is a ValueError."""
     examples: dict[str, dict[str, tuple[int, int]]] = {}
     stream = storage.path(shard).open("rb")
     try:
@@ -61,10 +61,26 @@ def build_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int
                 if member.isfile():
                     key, extension = _split(member.name)
                     examples.setdefault(key, {})[extension] = (member.offset_data, member.size)
+            cut = _no_end_marker(stream, archive.offset)
         except (tarfile.TarError, EOFError) as e:
-            print(f"warning: {shard}: cut short after {len(examples)} examples ({e}); the rest "
+            cut = str(e)
+        if cut:
+            print(f"warning: {shard}: cut short after {len(examples)} examples ({cut}); the rest "
                   "is not read", file=sys.stderr)  # fmt: skip
     return list(examples.items())
+
+
+def _no_end_marker(stream: BinaryIO, offset: int) -> str | None:
+    """Why what follows the last member at `offset` is not the end-of-archive marker (a zero
+    block; every writer writes two), or None when it is. tarfile ends its iteration without a
+    word at a header cut short, or at none, so a cut there is only seen here."""
+    stream.seek(offset)
+    block = stream.read(tarfile.BLOCKSIZE)
+    if block == bytes(tarfile.BLOCKSIZE):
+        return None
+    if not block:
+        return f"no end-of-archive marker at byte {offset}"
+    return f"no readable tar header at byte {offset}"
 
 
 def shard_index(shard: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:

@@ -17,12 +17,19 @@ CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
 
 
-def write_converted(directory: str | os.PathLike, config: dict[str, Any], params: Any) -> None:
-    """Writes a converted directory (into an existing empty or new folder)."""
+def write_converted(
+    directory: str | os.PathLike,
+    config: dict[str, Any],
+    params: Any,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes a converted directory (into an existing empty or new folder); `metadata`: the
+    params file's safetensors metadata."""
     directory = storage.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(params, sep="/")
-    write_safetensors({k: np.asarray(v) for k, v in flat.items()}, directory / PARAMS_FILE)
+    tensors = {k: np.asarray(v) for k, v in flat.items()}
+    write_safetensors(tensors, directory / PARAMS_FILE, metadata)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 

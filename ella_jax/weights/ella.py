@@ -167,18 +167,20 @@ def write_official(
     dtype: DTypeLike | None = None,
     overwrite: bool = False,
     config: dict[str, int] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Writes params as an official-layout ELLA .safetensors (whole or not at all), in `dtype`
-    (default: the params' own), with `config` (the constructor's arguments) in its metadata."""
+    (default: the params' own), with `config` (the constructor's arguments) and `metadata`
+    (e.g. a run's `trained_run.export_metadata`) in its metadata."""
     tensors = params_to_torch(jax.device_get(params))
     if dtype is not None:
         tensors = {name: t.astype(dtype) for name, t in tensors.items()}
-    metadata = None
+    metadata = dict(metadata or {})
     if config is not None:
         check_config(config, str(path))
-        metadata = {METADATA_KEY: json.dumps({k: config[k] for k in CONFIG_KEYS})}
+        metadata[METADATA_KEY] = json.dumps({k: config[k] for k in CONFIG_KEYS})
     with atomic_path(path, overwrite=overwrite) as staging:
-        write_safetensors(tensors, staging, metadata)
+        write_safetensors(tensors, staging, metadata or None)
 
 
 def write_official_config(path: str | os.PathLike, config: dict[str, int]) -> None:
@@ -186,9 +188,15 @@ def write_official_config(path: str | os.PathLike, config: dict[str, int]) -> No
     storage.path(path).write_text(json.dumps({k: config[k] for k in CONFIG_KEYS}, indent=2) + "\n")
 
 
-def write_converted(directory: str | os.PathLike, config: dict[str, int], params: Any) -> None:
-    """Writes a converted ELLA directory (into an existing empty or new folder)."""
-    converted.write_converted(directory, {k: config[k] for k in CONFIG_KEYS}, params)
+def write_converted(
+    directory: str | os.PathLike,
+    config: dict[str, int],
+    params: Any,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes a converted ELLA directory (into an existing empty or new folder), `metadata` in
+    its params file (a run's settings, `trained_run.TrainedWith.metadata`)."""
+    converted.write_converted(directory, {k: config[k] for k in CONFIG_KEYS}, params, metadata)
 
 
 def read_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
