@@ -425,6 +425,16 @@ def test_help_is_whole_and_exits_zero(module, expected):
         assert_only_own_flags(done.stdout)
 
 
+def test_help_read_in_part_is_no_traceback():
+    """`train.main --help | head` closes the pipe before the help is written: exit status 0 and
+    nothing on stderr (it was a BrokenPipeError traceback)."""
+    process = subprocess.Popen([sys.executable, "-m", "ella_jax.train.main", "--help"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process.stdout.close()  # the reader is gone long before the import ends
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == b""
+
+
 def libraries_flags() -> set[str]:
     """The absl flags that grain, orbax and array_record define on import (85 lines of help)."""
     from absl import flags

@@ -1,9 +1,11 @@
 """Command-line plumbing shared by the training entry points (absl flags, ml_collections)."""
 
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import ConfigDict
@@ -41,18 +43,20 @@ def parse_flags(argv: list[str], usage: str = "") -> list[str]:
     exits 1)."""
     argv = dashed_flags(argv)
     if "--helpfull" in argv[1:]:
-        print(usage.strip() + "\n\nflags (--name or --name-with-dashes), by module:")
-        print(flags.FLAGS.get_help().strip("\n"))
-        sys.exit(0)
+        _print_help(
+            f"{usage.strip()}\n\nflags (--name or --name-with-dashes), by module:\n"
+            + flags.FLAGS.get_help().strip("\n")
+        )
     if any(arg in HELP_FLAGS for arg in argv[1:]):
         # The command's module defines --config (each command here has one); it is named
         # `ella_jax.train.main` installed, and by its file under `python -m`. The libraries'
         # flags (grain, orbax, array_record: 85 lines) are left to --helpfull.
         module = flags.FLAGS.find_module_defining_flag("config")
-        print(usage.strip() + "\n\nflags (--name or --name-with-dashes):")
-        print(flags.FLAGS.module_help(module).strip().split("\n", 1)[-1])  # without its name
-        print("\n--helpfull lists every flag.")
-        sys.exit(0)
+        own = flags.FLAGS.module_help(module).strip().split("\n", 1)[-1]  # without its name
+        _print_help(
+            f"{usage.strip()}\n\nflags (--name or --name-with-dashes):\n{own}\n\n"
+            "--helpfull lists every flag."
+        )
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -65,6 +69,15 @@ def parse_flags(argv: list[str], usage: str = "") -> list[str]:
         message += f" (did you mean {hint.group(1)!r}?)" if hint else ""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _print_help(text: str) -> NoReturn:
+    """Prints `text` and exits 0, quietly when the reader left early (`--help | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    sys.exit(0)
 
 
 def run_command(
