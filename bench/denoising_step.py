@@ -12,7 +12,7 @@ One step, as `ella_jax.sampling` runs it with classifier-free guidance:
     x_next  = x - 0.1 * guided                           (a stand-in for the scheduler update)
 
 ELLA has the released size (`ella_jax.ELLA()` defaults; PyTorch: `bench.torch_ella.TorchELLA`),
-the UNet the SD 1.5 config (`bench.model_configs.SD15_UNET`). The PyTorch models are built
+the UNet the SD 1.5 config (`ella_jax.weights.released.SD15_UNET`). The PyTorch models are built
 first with random weights (every parameter perturbed, so no path is trivially zero) and their
 state dicts converted to this project's parameter trees; PyTorch's Linear weights, biases and
 norm scales are then pointed at the JAX buffers (one copy of those in memory; a transposed view
@@ -71,13 +71,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.model_configs import SD15_UNET
 from bench.real_size_backbones import perturb_, relative_error
 from bench.torch_ella import TorchELLA
 from ella_jax import ELLA
 from ella_jax.flops import model_flops
 from ella_jax.models.unet import UNet2DConditionModel, UNetConfig
 from ella_jax.weights.naming import params_from_torch, params_to_torch
+from ella_jax.weights.released import SD15_UNET
 
 TOLERANCE = 1e-4
 GUIDANCE = 7.5

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench.model_configs import FLAN_T5_XL, SD15_UNET, SD15_VAE, SDXL_UNET, TINYLLAMA
 from bench.timing import median_seconds
 from ella_jax.weights.diffusers import load_unet, load_vae
 from ella_jax.weights.llm import load_llm
+from ella_jax.weights.released import FLAN_T5_XL, SD15_UNET, SD15_VAE, SDXL_UNET, TINYLLAMA
 from ella_jax.weights.t5 import load_t5_encoder
 
 TOLERANCE = 1e-4

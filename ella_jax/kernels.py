@@ -12,6 +12,8 @@
 The choice is made when a model is traced, so a function jitted under one setting keeps it.
 `use_kernels` overrides the variable within a block; its `reference` path (full-score XLA
 attention, `nn.Conv`) is the plain formulation whose FLOPs XLA counts in full (`ella_jax.flops`).
+`compiling_for` traces for another platform than the one here (an ahead-of-time compile for TPU
+chips this host does not have): `auto` and the kernels' device checks then see that platform.
 """
 
 import contextlib
@@ -26,6 +28,7 @@ ENV_VAR = "ELLA_JAX_KERNELS"
 KernelPath = Literal["cpu", "accelerator", "reference"]
 _SETTINGS = ("auto", "cpu", "accelerator")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernels", default=None)
+_target: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
 
 
 def kernel_path() -> KernelPath:
@@ -37,8 +40,29 @@ def kernel_path() -> KernelPath:
     if setting not in _SETTINGS:
         raise ValueError(f"{ENV_VAR}={setting!r}: use one of {', '.join(_SETTINGS)}")
     if setting == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "accelerator"
+        return "cpu" if target_platform() == "cpu" else "accelerator"
     return setting
+
+
+def target_platform() -> str:
+    """The platform models are traced for: `compiling_for`'s, else the default backend's."""
+    return _target.get() or jax.default_backend()
+
+
+def compiling_for_another_platform() -> bool:
+    """Whether a `compiling_for` block names the platform (its devices are not here)."""
+    return _target.get() is not None
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Within the block, models trace for `platform` ("cpu", "gpu", "tpu") whatever devices
+    this host has: for compiling ahead of time (`ella_jax.train.aot`)."""
+    token = _target.set(platform)
+    try:
+        yield
+    finally:
+        _target.reset(token)
 
 
 @contextlib.contextmanager

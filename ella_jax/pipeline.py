@@ -158,8 +158,8 @@ class ELLAPipeline:
         tokenizers = dict(clip=load_tokenizer(sd / "tokenizer"))
         zeros = False
         if is_sdxl(sd):
-            second = load_sdxl_text_encoder_2(sd, dtype)
-            modules["clip_2"], params["clip_2"], tokenizers["clip_2"], zeros = second
+            modules["clip_2"], params["clip_2"], zeros = load_sdxl_text_encoder_2(sd, dtype)
+            tokenizers["clip_2"] = load_tokenizer(sd / "tokenizer_2")
         if t5 is not None:
             modules["t5"], params["t5"] = load_text_model(t5, t5_dtype, text_layer)
             tokenizers["t5"] = load_tokenizer(t5)

@@ -38,6 +38,7 @@ FIRST = (
     "test_train_sur",
     "test_device_suite",
     "test_sdxl",
+    "test_aot",
     "test_llm",
     "test_toy_models",
     "test_step_parity",

@@ -678,13 +678,13 @@ def test_bad_data_is_named_before_any_model_loads_and_nothing_is_written(
     """A misspelled data.source, and a folder of corrupt images: train.main's one error line
     and exit status 2, before the frozen models load; a new work directory is not made, an
     empty one stays empty (no config.json, ella_config.json or checkpoints/)."""
-    from ella_jax.train import cli, trainer
+    from ella_jax.train import cli, program
 
     def unexpected(*args, **kwargs):
         pytest.fail("a frozen model was loaded")
 
-    monkeypatch.setattr(trainer, "load_unet", unexpected)
-    monkeypatch.setattr(trainer, "load_vae", unexpected)
+    monkeypatch.setattr(program, "load_unet", unexpected)
+    monkeypatch.setattr(program, "load_vae", unexpected)
     config, workdir = tiny_config(), tmp_path / "run"
     if case == "misspelled source":
         config.data.source = "manfest"

@@ -30,7 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from ella_jax.kernels import KernelPath, kernel_path
+from ella_jax.kernels import (
+    KernelPath,
+    compiling_for_another_platform,
+    kernel_path,
+    target_platform,
+)
 
 LONG = 1024  # queries from which the accelerator path never holds the full scores
 CPU_BLOCK = 128  # queries per block on the CPU: a block's scores stay in cache
@@ -80,7 +85,10 @@ def dot_dtype(
 
 
 def _device() -> tuple[str, tuple[int, int] | None]:
-    """(platform, NVIDIA compute capability or None) of the default device."""
+    """(platform, NVIDIA compute capability or None) of the default device, or of the platform
+    being compiled for (`kernels.compiling_for`: no capability known)."""
+    if compiling_for_another_platform():
+        return target_platform(), None
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
     if not capability or "cuda" not in device.client.platform_version.lower():

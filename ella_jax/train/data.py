@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import msgpack
 import numpy as np
 from PIL import Image
@@ -286,6 +287,14 @@ def precomputed_examples(empty: dict[str, np.ndarray]) -> Callable[[Any, bool], 
         return example
 
     return prepare
+
+
+def latent_moments_spec(vae: Any, vae_params: Any, batch: int, resolution: int) -> Any:
+    """The ShapeDtypeStruct of a precomputed batch's "latent_mean" (and "latent_logvar"): what
+    the frozen VAE's encoder gives for `batch` images of `resolution` pixels (not run)."""
+    images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), np.float32)
+    encode = lambda x: vae.apply({"params": vae_params}, x, method="encode")  # noqa: E731
+    return jax.eval_shape(encode, images)[0]
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:

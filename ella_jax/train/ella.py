@@ -2,8 +2,10 @@
 (a T5 or a decoder-only LLM, `train.text_encoder`), the connector, the batch's text fields, the
 samples and the export. `train.trainer` runs it."""
 
+import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,7 +15,7 @@ from etils import epath
 from ella_jax import storage
 from ella_jax.models.ella import ELLA
 from ella_jax.sampling import TextConditioning, sdxl_time_ids
-from ella_jax.text import tokenize
+from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.train import data
 from ella_jax.train.errors import ConfigError
 from ella_jax.train.step import Conditioner, ella_conditioner
@@ -43,10 +45,10 @@ class ELLARun:
         self.sdxl = bool(config.sd) and is_sdxl(config.sd)
         self.clip_2 = None
 
-    def check(self, cross_attention_dim: int) -> None:
+    def check(self, cross_attention_dim: int, with_data: bool = True) -> None:
         """Fails fast, naming the key: no text model folder, an ELLA that does not fit the
         UNet or the text model, an `ella_init` of another shape, precomputed features made
-        otherwise."""
+        otherwise (`with_data`)."""
         config = self.config
         encoder = text_encoder(config)
         if config.ella.width != cross_attention_dim:
@@ -61,7 +63,7 @@ class ELLARun:
         width = folder_width(encoder.path)
         if config.ella_init:
             self._check_ella_init({**config.ella, "input_dim": width})
-        if config.data.source == "precomputed":
+        if config.data.source == "precomputed" and with_data:
             self._check_precomputed(encoder, width)
 
     def _check_ella_init(self, wanted: dict) -> None:
@@ -138,14 +140,25 @@ class ELLARun:
             changes.append(f"the text model's width (input_dim) {trained_width} -> {width}")
         return changes
 
+    @functools.cached_property
+    def tokenizer(self):
+        """The text model's tokenizer (read when first needed: compiling needs none)."""
+        return load_tokenizer(text_encoder(self.config).path)
+
+    @functools.cached_property
+    def tokenizer_2(self):
+        """SDXL's second CLIP encoder's tokenizer."""
+        return load_tokenizer(storage.path(self.config.sd) / "tokenizer_2")
+
     def load_frozen(self, workdir: epath.Path) -> dict:
-        """The frozen text model's params {"text": ...}; builds the modules and the tokenizer."""
+        """The frozen text model's params {"text": ...} (and SDXL's second CLIP encoder's,
+        "clip_2"); builds the modules."""
         config = self.config
-        self.text_model, text_params, self.tokenizer = text_encoder(config).load()
+        self.text_model, text_params = text_encoder(config).load()
         frozen = {}
         if self.sdxl:
-            self.clip_2, frozen["clip_2"], self.tokenizer_2, self.zero_negative = (
-                load_sdxl_text_encoder_2(config.sd, config.dtype)
+            self.clip_2, frozen["clip_2"], self.zero_negative = load_sdxl_text_encoder_2(
+                config.sd, config.dtype
             )
         self.model = ELLA(
             **config.ella,
@@ -163,6 +176,37 @@ class ELLARun:
             return load_ella(config.ella_init, config.ella.heads, param_dtype=jnp.float32)[1]
         features = jnp.zeros((1, 1, self.model.input_dim), jnp.float32)
         return self.model.init(jax.random.key(config.seed), features, jnp.zeros((1,)))["params"]
+
+    def batch_spec(self, batch: int, frozen: dict, vae: nn.Module) -> dict:
+        """{field: ShapeDtypeStruct} of a batch of `batch` examples as `prepare` makes them:
+        online, images and tokens; precomputed, what train.precompute wrote (the dtypes its
+        frozen encoders give, read off them without running them)."""
+        config = self.config
+        size = config.data.resolution
+        tokens = (batch, config.token_length)
+        spec = dict(
+            valid=jax.ShapeDtypeStruct((batch,), np.bool_),
+            token_mask=jax.ShapeDtypeStruct(tokens, np.bool_),
+        )
+        if config.data.source == "precomputed":
+            ids = jax.ShapeDtypeStruct(tokens, np.int32)
+            features = jax.eval_shape(self.text_model, frozen["text"], ids, spec["token_mask"])
+            moments = data.latent_moments_spec(vae, frozen["vae"], batch, size)
+            spec.update(t5_features=features, latent_mean=moments, latent_logvar=moments)
+            if self.sdxl:  # float32 as precompute stores it
+                width = self.clip_2.config.projection_dim
+                spec.update(pooled=jax.ShapeDtypeStruct((batch, width), np.float32))
+        else:
+            spec.update(
+                image=jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
+                input_ids=jax.ShapeDtypeStruct(tokens, np.int32),
+            )
+            if self.sdxl:
+                length = self.clip_2.config.max_position_embeddings
+                spec.update(clip_2_ids=jax.ShapeDtypeStruct((batch, length), np.int32))
+        if self.sdxl:
+            spec.update(time_ids=jax.ShapeDtypeStruct((batch, 6), np.float32))
+        return spec
 
     def write_run_files(self, workdir: epath.Path) -> None:
         """ella_config.json: lets `python -m convert export` read any checkpoint of the run."""

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ella_jax import storage
 from ella_jax.storage import atomic_path
-from ella_jax.text import tokenize
+from ella_jax.text import load_tokenizer, tokenize
 from ella_jax.train import data
 from ella_jax.train.cli import flags_parser, run_command
 from ella_jax.train.errors import ConfigError
@@ -50,7 +50,8 @@ def precompute(
     if pooling not in POOLINGS:
         raise ConfigError(f"config.sur.llm_pooling={pooling!r}: use one of {', '.join(POOLINGS)}")
     encoder = text_encoder(config)
-    text_model, text_params, tokenizer = encoder.load()
+    text_model, text_params = encoder.load()
+    tokenizer = load_tokenizer(encoder.path)
     vae, vae_params = load_vae(storage.path(config.sd) / "vae", config.dtype)
     records = data.open_configured(config.data)
     encode_text = jax.jit(lambda ids, mask: text_model(text_params, ids, mask))
@@ -140,7 +141,8 @@ def sdxl_pooling(config: ConfigDict):
     embeddings, for an SDXL folder (`text_encoder_2/`); None for another model."""
     if not is_sdxl(config.sd):
         return None
-    clip_2, params, tokenizer_2, _ = load_sdxl_text_encoder_2(config.sd, config.dtype)
+    clip_2, params, _ = load_sdxl_text_encoder_2(config.sd, config.dtype)
+    tokenizer_2 = load_tokenizer(storage.path(config.sd) / "tokenizer_2")
     encode = jax.jit(lambda ids: clip_2.apply({"params": params}, ids, True)[1])
     length = clip_2.config.max_position_embeddings
 

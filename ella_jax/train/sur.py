@@ -112,8 +112,8 @@ class SURRun:
             if saved.sur.get(key) != self.options[key]
         ]
 
-    def check(self, cross_attention_dim: int) -> None:
-        """Fails fast, naming the key."""
+    def check(self, cross_attention_dim: int, with_data: bool = True) -> None:
+        """Fails fast, naming the key (the LLM vectors of the data: `with_data`)."""
         config, options = self.config, self.options
         for sub in ("text_encoder", "tokenizer"):
             if not (storage.path(config.sd) / sub).is_dir():
@@ -142,7 +142,7 @@ class SURRun:
                 f"from {', '.join(SOURCES)} records (a 'complex' field)"
             )
         path = llm_vectors_path(config)
-        if not storage.path(path).is_file():
+        if with_data and not storage.path(path).is_file():
             where = "set config.sur.llm_vectors" if config.data.source != "precomputed" else ""
             raise ConfigError(
                 f"config.sur.llm_vectors: {path} is not a file (a safetensors file of one vector "
@@ -231,6 +231,23 @@ class SURRun:
             tensors = {"weight": weight, "bias": np.asarray(self.projection["bias"])}
             with atomic_path(saved, overwrite=True) as staging:
                 write_safetensors(tensors, staging)
+
+    def batch_spec(self, batch: int, frozen: dict, vae: Any) -> dict:
+        """{field: ShapeDtypeStruct} of a batch of `batch` examples as `prepare` makes them."""
+        config = self.config
+        ids = jax.ShapeDtypeStruct((batch, self.clip.config.max_position_embeddings), np.int32)
+        vector = next(iter(self.vectors.values()))
+        spec = dict(
+            valid=jax.ShapeDtypeStruct((batch,), np.bool_),
+            input_ids=ids,
+            complex_ids=ids,
+            llm_vector=jax.ShapeDtypeStruct((batch, *vector.shape), vector.dtype),
+        )
+        size = config.data.resolution
+        if config.data.source == "precomputed":
+            moments = data.latent_moments_spec(vae, frozen["vae"], batch, size)
+            return {**spec, "latent_mean": moments, "latent_logvar": moments}
+        return {**spec, "image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)}
 
     def prepare(self, skipped: data.Skipped) -> Any:
         """prepare(record, drop_caption) -> {image or latent moments, "valid", "input_ids" and

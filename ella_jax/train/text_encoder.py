@@ -16,7 +16,6 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from ella_jax import storage
-from ella_jax.text import load_tokenizer
 from ella_jax.train.errors import ConfigError
 from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.text_model import KINDS, TextModel, folder_kind, load_text_model
@@ -41,10 +40,9 @@ class TextEncoder:
     dtype: str
     key: str
 
-    def load(self) -> tuple[TextModel, dict, object]:
-        """(text model, its params, its tokenizer)."""
-        model, params = load_text_model(self.path, self.dtype, self.layer, self.kind)
-        return model, params, load_tokenizer(self.path)
+    def load(self) -> tuple[TextModel, dict]:
+        """(text model, its params); its tokenizer is `text.load_tokenizer(self.path)`."""
+        return load_text_model(self.path, self.dtype, self.layer, self.kind)
 
     def summary(self) -> dict:
         """What train.precompute records of it (and checks again at training)."""

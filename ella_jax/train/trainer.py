@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -23,35 +23,28 @@ from ella_jax import storage
 from ella_jax.flops import model_flops, peak_flops_per_second, utilisation
 from ella_jax.images import grid, save_png
 from ella_jax.sampling import sample_latents
-from ella_jax.schedulers import SchedulerConfig, alphas_cumprod, initial_latents, make_schedule
-from ella_jax.sharding import batch_sharding, make_mesh, param_shardings
+from ella_jax.schedulers import initial_latents, make_schedule
+from ella_jax.sharding import make_mesh
 from ella_jax.train import checkpoint, data
-from ella_jax.train.ella import ELLARun
 from ella_jax.train.errors import ConfigError, DataError, DivergedError
 from ella_jax.train.metrics import MetricsWriter
-from ella_jax.train.step import Models, StepConfig, init_state, make_optimizer, make_train_step
-from ella_jax.train.sur import SURRun
-from ella_jax.weights.diffusers import load_unet, load_vae
-from ella_jax.weights.tensors import CheckpointError, read_config, read_json
+from ella_jax.train.program import build_program, conform, method_of
+from ella_jax.weights.tensors import CheckpointError, read_json
 from ella_jax.weights.trained_run import RUN_CONFIG_FILE
 
 __all__ = ["ConfigError", "DataError", "DivergedError", "check_config", "train"]
 
 REMAT = ("none", "blocks")  # config.remat: "blocks" recomputes each UNet block in the backward
-METHODS = {"ella": ELLARun, "sur": SURRun}  # config.method: what trains on the frozen UNet
 
 
-def method_of(config: ml_collections.ConfigDict) -> ELLARun | SURRun:
-    """The run's method (config.method, "ella" when the config has none)."""
-    name = config.get("method", "ella")
-    if name not in METHODS:
-        raise ConfigError(f"config.method={name!r}: use one of {', '.join(METHODS)}")
-    return METHODS[name](config)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key: missing folders, a mesh that does not fit the devices, batch
-    sizes the mesh cannot split, precomputed data made otherwise, and the method's own checks
+def check_config(
+    config: ml_collections.ConfigDict,
+    devices: Sequence[jax.Device] | None = None,
+    with_data: bool = True,
+) -> None:
+    """Fails fast, naming the key: missing folders, a mesh that does not fit the devices (by
+    default this host's), batch sizes the mesh cannot split, precomputed data made otherwise
+    (unless not `with_data`: the data is not needed to compile), and the method's own checks
     (an ELLA that does not fit the UNet or the T5, ...)."""
     method = method_of(config)
     if not config.sd or not storage.reachable(config.sd).is_dir():
@@ -59,12 +52,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for sub in ("unet", "vae", "scheduler"):
         if not (storage.path(config.sd) / sub).is_dir():
             raise ConfigError(f"config.sd={config.sd!r} has no {sub}/ folder")
-    storage.reachable(config.data.path)
+    if with_data:
+        storage.reachable(config.data.path)
     cross_attention_dim = read_json(storage.path(config.sd) / "unet" / "config.json").get(
         "cross_attention_dim"
     )
     try:
-        mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     except ValueError as e:
         raise ConfigError(f"config.mesh: {e}") from None
     if config.batch_size % mesh.size:
@@ -84,7 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.remat not in REMAT:
         raise ConfigError(f"config.remat={config.remat!r}: use one of {', '.join(REMAT)}")
-    if config.data.source == "precomputed":
+    if config.data.source == "precomputed" and with_data:
         summary_path = storage.path(config.data.path) / "precompute.json"
         try:
             made = read_json(summary_path)
@@ -97,7 +91,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f"made with resolution={made['resolution']!r}: rerun train.precompute with "
                 "this config"
             )
-    method.check(cross_attention_dim)
+    method.check(cross_attention_dim, with_data)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -162,36 +156,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
         source = data.open_configured(config.data)
     check_readable(config, source)
 
-    # ------------------------------------------------------------------------ Frozen models
-    method = method_of(config)
-    sd = storage.path(config.sd)
+    # ------------------------------------ Frozen models, trained state, batch, step: the program
     if primary:
-        print(f"loading the frozen models of {sd} ...", flush=True)
-    vae, vae_params = load_vae(sd / "vae", config.dtype)
-    unet, unet_params = load_unet(sd / "unet", config.dtype)
-    frozen = {**method.load_frozen(workdir), "vae": vae_params, "unet": unet_params}
-    frozen_shardings = param_shardings(frozen, mesh)
+        print(f"loading the frozen models of {storage.path(config.sd)} ...", flush=True)
+    program = build_program(config, mesh, workdir)
+    method, models, scheduler = program.method, program.models, program.scheduler
     # Placed from host values, which works for any number of processes.
-    frozen = jax.device_put(jax.device_get(frozen), frozen_shardings)
-    scheduler = read_config(sd / "scheduler" / "scheduler_config.json", SchedulerConfig.from_dict)
-
-    # --------------------------------------- Trained model and optimizer: sharded initial state
-    optimizer, learning_rate = make_optimizer(
-        config.learning_rate,
-        config.warmup_steps,
-        config.total_steps,
-        config.lr_schedule,
-        config.weight_decay,
-        config.grad_clip,
-        config.get("gradient_accumulation", 1),
-        getattr(method, "trainable", None),
-    )
-
-    def initial_state():
-        return init_state(method.init_params(), optimizer, config.seed)
-
-    abstract_state = jax.eval_shape(initial_state)
-    state_shardings = param_shardings(abstract_state, mesh)
+    frozen = jax.device_put(jax.device_get(program.frozen), program.frozen_shardings)
+    state_shardings = jax.tree.map(lambda s: s.sharding, program.state)
 
     # -------------------------------------------------------------------------------- Data
     skipped_images = data.Skipped()  # this process's unreadable images
@@ -208,20 +180,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     iterator = iter(dataset.to_iter_dataset(read_options(config.data)))
 
     # ------------------------------------------------------------------------------ Resume
-    abstract_with_layout = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state,
-        state_shardings,
-    )
     checkpoints, manager, state = workdir / "checkpoints", None, None
     # Asked together (a collective), before any process can have made the folder of a new run.
     if _any_process(checkpoints.is_dir()):
         manager = checkpoint.make_manager(checkpoints, config.keep_checkpoints)
-        state = checkpoint.restore_latest(manager, abstract_with_layout, iterator, _any_process)
+        state = checkpoint.restore_latest(manager, program.state, iterator, _any_process)
     if state is None:
-        state = jax.jit(initial_state, out_shardings=state_shardings)()
+        state = jax.jit(program.initial_state, out_shardings=state_shardings)()
     start = int(state.step)
-    first = next(iterator)
+    first = conform(next(iterator), program.batch, data_name(config))
     if not _any_process(bool(np.any(first["valid"])), after=state):
         raise DataError(
             f"no image of the first batch could be read ({skipped_images.count} unreadable "
@@ -238,34 +205,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
     writer = MetricsWriter(workdir, resume_step=start) if primary else None
 
     # ----------------------------------------------------------------------------- Compile
-    step_config = StepConfig(
-        prediction_type=scheduler.prediction_type,
-        scaling_factor=vae.config.scaling_factor,
-        shift_factor=vae.config.shift_factor or 0.0,
-        ema_decay=config.ema_decay,
-        min_snr_gamma=config.min_snr_gamma,
-        mask_padding=config.get("mask_padding", False),
-    )
-    acp = jnp.asarray(alphas_cumprod(scheduler))
-    models = Models(getattr(method, "text_model", None), vae, unet, method.model)
-    conditioner = method.conditioner(models)
-    remat = models._replace(unet=unet.clone(remat=config.remat == "blocks"))
-    train_step = make_train_step(remat, optimizer, acp, step_config, conditioner)
-    batch_shardings = jax.tree.map(lambda a: batch_sharding(mesh, np.ndim(a)), first)
-    abstract_batch = jax.tree.map(_global_shape(config.batch_size), first)
-    lowered = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    ).lower(abstract_with_layout, frozen, abstract_batch)
+    lowered = program.lower()
     # Model FLOPs of a step (without the recomputation of remat) and the devices' peak: MFU.
     # Traced on a thread while XLA compiles (which leaves Python free): the trace is Python's.
-    modelled_step = make_train_step(models, optimizer, acp, step_config, conditioner)
     if primary:
         print("compiling the train step ...", flush=True)
     with ThreadPoolExecutor(1) as pool:
-        step_flops = pool.submit(model_flops, modelled_step, abstract_state, frozen, abstract_batch)
+        step_flops = pool.submit(
+            model_flops, program.modelled_step, program.state, frozen, program.batch
+        )
         compiled = lowered.compile()
         throughput = _Throughput(
             config.batch_size,
@@ -273,7 +221,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
             jax.device_count(),
             peak_flops_per_second(jax.devices()[0], config.dtype),
         )
-    sampler = _make_sampler(config, method, frozen, unet, vae, scheduler)
+    sampler = _make_sampler(config, method, frozen, models.unet, models.vae, scheduler)
 
     # -------------------------------------------------------------------------------- Loop
     _barrier("first step")
@@ -297,12 +245,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
             seconds, steps = clock.lap(metrics, step)
             total_skipped = checks.total_skipped
             _log(
-                writer, bar, step, metrics, seconds, steps, learning_rate, throughput, total_skipped
+                writer,
+                bar,
+                step,
+                metrics,
+                seconds,
+                steps,
+                program.learning_rate,
+                throughput,
+                total_skipped,
             )
 
         for step in range(start + 1, config.total_steps + 1):
             global_batch = jax.tree.map(
-                lambda a, s: jax.make_array_from_process_local_data(s, a), batch, batch_shardings
+                lambda s, a: jax.make_array_from_process_local_data(s.sharding, a),
+                program.batch,
+                batch,
             )
             state, metrics = compiled(state, frozen, global_batch)
             checks.add(step, metrics)
@@ -331,7 +289,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, stop: "_StopF
             if stopping:
                 break
             if step < config.total_steps:
-                batch = next(iterator)
+                batch = conform(next(iterator), program.batch, data_name(config))
         if pending is not None:
             log(*pending)
         checks.check(config.total_steps, logged=False)
@@ -353,7 +311,7 @@ def check_readable(config: ml_collections.ConfigDict, source: Any) -> None:
     the same records on every process, so that a source of the wrong kind (a ValueError) or of
     no readable image among the first batch's worth (a DataError naming it) stops the run
     before any model loads."""
-    where = f"config.data.path={config.data.path!r} (data.source={config.data.source!r})"
+    where = data_name(config)
     if not len(source):
         raise DataError(f"{where} holds no records")
     if config.data.source == "precomputed":  # its records are all readable: their kind is checked
@@ -367,6 +325,11 @@ def check_readable(config: ml_collections.ConfigDict, source: Any) -> None:
     raise DataError(
         f"{where}: none of its first {tries} records could be read; {skipped.describe()}"
     )
+
+
+def data_name(config: ml_collections.ConfigDict) -> str:
+    """The run's data, as its errors name it."""
+    return f"config.data.path={config.data.path!r} (data.source={config.data.source!r})"
 
 
 def read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
@@ -398,10 +361,6 @@ class _StepClock:
         seconds, steps = now - self.time, step - self.step
         self.time, self.step = now, step
         return seconds, steps
-
-
-def _global_shape(global_batch: int):
-    return lambda a: jax.ShapeDtypeStruct((global_batch, *np.shape(a)[1:]), np.asarray(a).dtype)
 
 
 class _Throughput(NamedTuple):

@@ -66,14 +66,14 @@ def is_sdxl(folder: str | os.PathLike) -> bool:
 
 def load_sdxl_text_encoder_2(
     folder: str | os.PathLike, dtype: DTypeLike = jnp.float32
-) -> tuple[CLIPTextEncoder, dict, object, bool]:
+) -> tuple[CLIPTextEncoder, dict, bool]:
     """SDXL's second CLIP encoder (with its projection) of a diffusers folder: (model, params,
-    its tokenizer, force_zeros_for_empty_prompt as model_index.json says, default True)."""
-    from ella_jax.text import load_tokenizer
+    force_zeros_for_empty_prompt as model_index.json says, default True). Its tokenizer is
+    `text.load_tokenizer(folder / "tokenizer_2")`."""
     from ella_jax.weights.clip import load_clip_text_encoder
 
     folder = storage.path(folder)
     model, params = load_clip_text_encoder(folder / "text_encoder_2", dtype)
     index = folder / "model_index.json"
     zeros = not index.is_file() or read_json(index).get("force_zeros_for_empty_prompt", True)
-    return model, params, load_tokenizer(folder / "tokenizer_2"), bool(zeros)
+    return model, params, bool(zeros)

@@ -10,6 +10,7 @@ import numpy as np
 from flax import traverse_util
 from jax.typing import DTypeLike
 
+from ella_jax.weights import shapes_only
 from ella_jax.weights.naming import params_from_torch
 
 
@@ -25,8 +26,11 @@ def params_for(
     `param_dtype`. Shapes come from `jax.eval_shape` on `example_inputs` (arrays or
     ShapeDtypeStructs), so nothing is computed; a mismatch is a CheckpointError naming `source`.
     `tensors` is emptied: each tensor is let go once converted, so a large checkpoint and its
-    parameters are never both held whole."""
+    parameters are never both held whole. Inside `shapes_only()`: the tree's shapes, in
+    `param_dtype`."""
     expected = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"]
+    if shapes_only.active():
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, param_dtype), expected)
     flat = traverse_util.flatten_dict(params_from_torch(tensors, expected, source, ignore))
     tensors.clear()
     converted = {path: None for path in flat}

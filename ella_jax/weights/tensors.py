@@ -9,6 +9,7 @@ import numpy as np
 import safetensors.numpy
 
 from ella_jax import storage
+from ella_jax.weights import shapes_only
 
 MAX_HEADER_BYTES = 100_000_000  # as the safetensors library allows
 
@@ -55,7 +56,10 @@ def read_weights_folder(
     folder: str | os.PathLike, stem: str, keep: Callable[[str], bool] | None = None
 ) -> dict[str, np.ndarray]:
     """The tensors of `folder/stem.safetensors`, or of the shards listed in
-    `folder/stem.safetensors.index.json` (as Hugging Face and diffusers save large models)."""
+    `folder/stem.safetensors.index.json` (as Hugging Face and diffusers save large models);
+    none inside `shapes_only()`."""
+    if shapes_only.active():
+        return {}
     folder = storage.path(folder)
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.is_file():
