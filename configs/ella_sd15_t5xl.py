@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 1000  # [ours]
     c.weight_decay = 0.01  # [paper] AdamW
     c.grad_clip = 1.0  # [ours]
+    c.gradient_accumulation = 1  # [ours] steps whose gradients make one update (batch_size each)
     c.ema_decay = 0.9999  # [ours] the paper states no EMA; ella.safetensors exports the EMA
     c.min_snr_gamma = 0.0  # [ip-adapter] plain epsilon MSE
     c.dtype = "bfloat16"  # [ours] compute; float32 master params
@@ -55,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.t5_dtype = "float16"  # [paper] features were made with float16 T5
     c.seed = 0
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=8))  # [ours] 8 A100s [paper]: fsdp 8
+    # [ours] 8 A100s [paper]: fsdp 8; rules: (regex, spec) partition rules (train/program.py)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=8, rules=()))
     c.checkpoint_every = 5000
     c.keep_checkpoints = 3
     c.log_every = 100

@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.t5_dtype = "float16"  # [spec] the official vectors are float16
     c.seed = 0
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
     c.log_every = 100

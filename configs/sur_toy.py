@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.t5_dtype = "float32"
     c.seed = 0
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
     c.checkpoint_every = 300
     c.keep_checkpoints = 1
     c.log_every = 50

@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 50
     c.weight_decay = 0.01
     c.grad_clip = 1.0
+    c.gradient_accumulation = 1  # steps whose gradients make one update
     c.ema_decay = 0.99
     c.min_snr_gamma = 0.0
     c.dtype = "float32"
@@ -91,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.t5_dtype = "float32"
     c.seed = 0
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=()))
     c.checkpoint_every = 250
     c.keep_checkpoints = 1
     c.log_every = 50

@@ -188,6 +188,18 @@ def train_step_setup(config, source, resolution: int):
     return make_step, frozen, batch
 
 
+def shapes_program(config, devices=None):
+    """The run's program (`train.program`) of `config` with its models' shapes only, on a mesh
+    of `devices` (default: the 8 fake CPU devices)."""
+    from ella_jax.sharding import make_mesh
+    from ella_jax.train.program import build_program
+    from ella_jax.weights.shapes_only import shapes_only
+
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    with shapes_only():
+        return build_program(config, mesh, ROOT / "no-run")
+
+
 def param_update(new_state, state) -> list:
     """new_state.params - state.params, leaf by leaf (numpy arrays in the tree's order)."""
     import numpy as np

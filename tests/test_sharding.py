@@ -91,3 +91,30 @@ def test_specs_of_a_few_parameters():
 def test_mesh_that_does_not_fit_is_named(data, fsdp, message):
     with pytest.raises(ValueError, match=message):
         make_mesh(data, fsdp)
+
+
+def test_the_configs_partition_rules_reach_every_tree():
+    """config.mesh.rules come before the default rule in the run's program: a rule that keeps
+    the UNet's kernels whole leaves them replicated while the frozen T5 and ELLA's optimizer
+    state stay sharded over fsdp; a malformed rule is a ConfigError naming it."""
+    from conftest import shapes_program, tiny_config
+
+    from ella_jax.train.errors import ConfigError
+    from ella_jax.train.program import partition_rules
+
+    config = tiny_config()
+    config.mesh.update(data=2, fsdp=4, rules=((r"^unet/.*kernel$", ()),))
+    program = shapes_program(config)
+    specs = {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf.spec
+        for path, leaf in jax.tree_util.tree_leaves_with_path(program.frozen_shardings)
+    }
+    unet_kernels = [spec for name, spec in specs.items() if name.startswith("unet/") and
+                    name.endswith("kernel")]  # fmt: skip
+    assert unet_kernels and all(spec == P() for spec in unet_kernels)
+    assert any("fsdp" in spec for name, spec in specs.items() if name.startswith("text/"))
+    state_specs = [leaf.sharding.spec for leaf in jax.tree.leaves(program.state.opt_state)]
+    assert any("fsdp" in spec for spec in state_specs)
+    config.mesh.rules = (("unet", "fsdp", None),)
+    with pytest.raises(ConfigError, match=r"config.mesh.rules: \('unet', 'fsdp', None\)"):
+        partition_rules(config)

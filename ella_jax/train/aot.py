@@ -84,7 +84,7 @@ _SAMPLER = flags.DEFINE_boolean("sampler", True, "Also compile the inference sam
 flags.mark_flags_as_required(["config", "topology"])
 
 
-class Chip:
+class TpuSlice:
     """The devices of a topology as the report counts them: a device's HBM and peak are its
     chip's divided among the devices a chip shows (v4 shows its 2 TensorCores)."""
 
@@ -159,8 +159,8 @@ def memory(compiled: Any) -> dict[str, int]:
         temporaries=stats.temp_size_in_bytes,
         code=stats.generated_code_size_in_bytes,
     )
-    found["total"] = (found["arguments"] + found["outputs"] - found["aliased"]
-                      + found["temporaries"] + found["code"])  # fmt: skip
+    live = ("arguments", "outputs", "temporaries", "code")
+    found["total"] = sum(found[name] for name in live) - found["aliased"]
     return found
 
 
@@ -195,10 +195,13 @@ def compile_program(config: ml_collections.ConfigDict, devices: list) -> tuple[P
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     with tempfile.TemporaryDirectory() as workdir, shapes_only(), compiling_for("tpu"):
         program = build_program(config, mesh, storage.path(workdir))
-        return program, _compile(program.lower())
+        per_device = config.batch_size // len(devices)
+        return program, _compile(program.lower(), f"the train step, {per_device} a device")
 
 
-def _compile(lowered: Any) -> Any:
+def _compile(lowered: Any, what: str) -> Any:
+    """`lowered` compiled (said on stdout: a real model takes minutes)."""
+    print(f"compiling {what} ...", flush=True)
     try:
         with _quiet_stderr():
             return lowered.compile()
@@ -228,7 +231,7 @@ def at_batch(config: ml_collections.ConfigDict, per_device: int, devices: int):
 def largest_batch(
     config: ml_collections.ConfigDict,
     devices: list,
-    chip: Chip,
+    tpu: TpuSlice,
     limit: int,
     known: dict[int, int | None],
 ) -> dict:
@@ -242,8 +245,8 @@ def largest_batch(
     def total(batch: int) -> int | None:
         if batch not in tried:
             try:
-                tried[batch] = memory(compile_program(at_batch(config, batch, len(devices)),
-                                                      devices)[1])["total"]  # fmt: skip
+                _, compiled = compile_program(at_batch(config, batch, len(devices)), devices)
+                tried[batch] = memory(compiled)["total"]
             except MemoryError:
                 tried[batch] = None
         return tried[batch]
@@ -252,11 +255,11 @@ def largest_batch(
     if one is None:
         return {"batch": 0, "per_example_bytes": None, "tried": tried}
     per_example = max((two or 2 * one) - one, 1)
-    predicted = max(1, int((chip.hbm_bytes - (one - per_example)) // per_example))
+    predicted = max(1, int((tpu.hbm_bytes - (one - per_example)) // per_example))
     batch = 2 ** int(math.log2(min(predicted, limit)))
-    while batch > 1 and (total(batch) is None or total(batch) > chip.hbm_bytes):
+    while batch > 1 and (total(batch) is None or total(batch) > tpu.hbm_bytes):
         batch //= 2
-    if batch == 1 and one > chip.hbm_bytes:
+    if batch == 1 and one > tpu.hbm_bytes:
         batch = 0
     return {"batch": batch, "per_example_bytes": per_example, "tried": tried}
 
@@ -302,7 +305,8 @@ def sampler_memory(config: ml_collections.ConfigDict, program: Program, devices:
 
     with compiling_for("tpu"):
         lowered = jax.jit(sample).lower(frozen, ella_params, latents, conditioning)
-    return {"batch": batch, "steps": config.sample_steps, "memory": memory(_compile(lowered))}
+    compiled = _compile(lowered, f"the sampler, {batch} images")
+    return {"batch": batch, "steps": config.sample_steps, "memory": memory(compiled)}
 
 
 def report(
@@ -317,7 +321,7 @@ def report(
     if config.get("method", "ella") != "ella":
         raise ConfigError(f"config.method={config.method!r}: only ELLA runs are compiled here yet")
     devices = topology_devices(topology)
-    chip = Chip(devices)
+    tpu = TpuSlice(devices)
     with tempfile.TemporaryDirectory() as root:
         filled = with_released_shapes(config, root)
         check_config(config, devices, with_data=False)
@@ -340,18 +344,18 @@ def report(
             config=config.to_dict(),
             shapes_from=filled,
             topology=topology,
-            device_kind=chip.kind,
-            devices=chip.devices,
-            chips=chip.chips,
-            hosts=chip.hosts,
+            device_kind=tpu.kind,
+            devices=tpu.devices,
+            chips=tpu.chips,
+            hosts=tpu.hosts,
             mesh=dict(make_mesh(config.mesh.data, config.mesh.fsdp, devices).shape),
             batch_size=config.batch_size,
             batch_per_device=per_device,
             gradient_accumulation=config.get("gradient_accumulation", 1),
             remat=config.remat,
-            hbm_per_device=chip.hbm_bytes,
+            hbm_per_device=tpu.hbm_bytes,
             memory=step_memory,
-            fits=step_memory is not None and step_memory["total"] <= chip.hbm_bytes,
+            fits=step_memory is not None and step_memory["total"] <= tpu.hbm_bytes,
             compiler_note=compiler_note,
             compile_seconds=round(seconds, 1),
             model_flops_per_step=flops,
@@ -362,12 +366,12 @@ def report(
             cost = cost[0] if isinstance(cost, list) else cost
             result["compiled_flops_per_device"] = float(cost.get("flops", 0.0))
             result["collectives"] = collectives(compiled.as_text())
-        step_seconds = flops / (TARGET_MFU * chip.peak_flops * chip.devices)
+        step_seconds = flops / (TARGET_MFU * tpu.peak_flops * tpu.devices)
         result["samples_per_s_at_40_percent_mfu"] = config.batch_size / step_seconds
         if largest_batch_limit:
             known = {per_device: None if step_memory is None else step_memory["total"]}
             result["largest_batch"] = largest_batch(
-                config, devices, chip, largest_batch_limit, known
+                config, devices, tpu, largest_batch_limit, known
             )
         if sampler:
             try:

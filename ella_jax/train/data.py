@@ -293,8 +293,8 @@ def latent_moments_spec(vae: Any, vae_params: Any, batch: int, resolution: int) 
     """The ShapeDtypeStruct of a precomputed batch's "latent_mean" (and "latent_logvar"): what
     the frozen VAE's encoder gives for `batch` images of `resolution` pixels (not run)."""
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), np.float32)
-    encode = lambda x: vae.apply({"params": vae_params}, x, method="encode")  # noqa: E731
-    return jax.eval_shape(encode, images)[0]
+    encode = lambda params, x: vae.apply({"params": params}, x, method="encode")  # noqa: E731
+    return jax.eval_shape(encode, vae_params, images)[0]
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
